@@ -1,0 +1,177 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import (IGNORE_INDEX, VLM, ConnectorConfig, Decoder, DecoderConfig, Tokenizer, ViTConfig, VLMConfig,
+                   attention_mask, left_pad, sample_next)
+from training import encode_sample
+
+TEXTS = ['<image>\nwhat color is the circle?', 'red', 'how many objects are there?', 'two',
+         'describe the image.', 'a large red circle at the top left and a small blue square at the center.']
+
+
+def tiny_vlm(connector='pixel_shuffle', tok=None, seed=0):
+    torch.manual_seed(seed)
+    tok = tok or Tokenizer.build('word', TEXTS)
+    cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=32),
+                    ConnectorConfig(kind=connector, in_dim=32, out_dim=48, scale_factor=2),
+                    DecoderConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=48,
+                                  intermediate_size=96),
+                    image_token_id=tok.image_token_id)
+    return VLM(cfg).eval(), tok
+
+
+def images(b, size=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (b, size, size, 3), generator=g, dtype=torch.uint8)
+
+
+def conversation(answer_first='red'):
+    return [{'role': 'user', 'content': TEXTS[0]}, {'role': 'assistant', 'content': answer_first},
+            {'role': 'user', 'content': TEXTS[4]}, {'role': 'assistant', 'content': TEXTS[5]}]
+
+
+@pytest.mark.parametrize('connector,n_tokens', [('mlp', 16), ('pixel_shuffle', 4)])
+def test_shapes(connector, n_tokens):
+    model, tok = tiny_vlm(connector)
+    assert model.num_image_tokens == n_tokens
+    ids, _ = tok.encode_chat(conversation(), n_tokens)
+    logits = model(torch.tensor([ids, ids]), images(2))
+    assert logits.shape == (2, len(ids), tok.vocab_size)
+    assert model.image_embeddings(images(2)).shape == (2, n_tokens, 48)
+
+
+def test_supervised_tokens_are_exactly_the_answers_and_their_end():
+    tok = Tokenizer.build('word', TEXTS)
+    ids, sup = tok.encode_chat(conversation(), 4)
+    assert ids.count(tok.image_token_id) == 4
+    sup_ids = [t for t, s in zip(ids, sup) if s]
+    expected = tok.encode('red') + [tok.eot_id] + tok.encode(TEXTS[5]) + [tok.eot_id]
+    assert sup_ids == expected
+    assert tok.decode(tok.encode(TEXTS[5])) == TEXTS[5]
+
+
+def test_byte_tokenizer_round_trip():
+    tok = Tokenizer.build('byte', [])
+    s = 'Größe: 3 <image> ok?'
+    ids = tok.encode(s)
+    assert ids.count(tok.image_token_id) == 1 and tok.decode(ids) == s.replace('<image>', '')
+
+
+def test_loss_is_cross_entropy_over_exactly_the_answer_positions():
+    model, tok = tiny_vlm()
+    n = model.num_image_tokens
+    convs = [conversation('red'), conversation('two')[:2]]  # different answer lengths, padded batch
+    encoded = [encode_sample(tok, c, n, 512) for c in convs]
+    T = max(len(e[0]) for e in encoded)
+    input_ids = torch.full((2, T), tok.pad_id)
+    targets = torch.full((2, T), IGNORE_INDEX)
+    mask = torch.zeros((2, T), dtype=torch.bool)
+    for b, (ids, tg, _) in enumerate(encoded):
+        input_ids[b, :len(ids)], targets[b, :len(ids)], mask[b, :len(ids)] = torch.tensor(ids), torch.tensor(tg), True
+    imgs = images(2)
+    loss_sum = model(input_ids, imgs, mask, targets)
+    # independently: find every token between <|assistant|> and its <|end|> (inclusive) and score
+    # its prediction from the previous position
+    logits = model(input_ids, imgs, mask).float()
+    expected, count = 0.0, 0
+    for b in range(2):
+        inside = False
+        for i in range(1, int(mask[b].sum())):
+            tok_id = int(input_ids[b, i])
+            if inside:
+                expected += F.cross_entropy(logits[b, i - 1], input_ids[b, i], reduction='sum')
+                count += 1
+                inside = tok_id != tok.eot_id
+            if tok_id == tok.assistant_id:
+                inside = True
+    assert count == int((targets != IGNORE_INDEX).sum())
+    torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_placeholder_count_must_match_image_embeddings():
+    model, tok = tiny_vlm()
+    ids, _ = tok.encode_chat(conversation(), model.num_image_tokens + 1)
+    with pytest.raises(ValueError, match='placeholders'):
+        model(torch.tensor([ids]), images(1))
+
+
+def test_left_padding_changes_nothing_and_makes_no_nan():
+    model, tok = tiny_vlm()
+    ids, _ = tok.encode_chat(conversation()[:1], model.num_image_tokens, add_generation_prompt=True)
+    short, _ = tok.encode_chat([{'role': 'user', 'content': '<image>\nred'}], model.num_image_tokens, True)
+    batch, mask = left_pad([ids, short], tok.pad_id)
+    out = model(batch, images(2), mask)
+    assert torch.isfinite(out).all()  # padding rows attend to themselves only
+    alone = model(torch.tensor([short]), images(2)[1:])
+    torch.testing.assert_close(out[1, -1], alone[0, -1], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('temperature', [0.0, 0.9])
+def test_kv_cache_generation_equals_recomputation(temperature):
+    model, tok = tiny_vlm()
+    prompts = [tok.encode_chat(conversation()[:k], model.num_image_tokens, True)[0] for k in (1, 3)]
+    ids, mask = left_pad(prompts, tok.pad_id)
+    outs = []
+    for use_cache in (True, False):
+        g = torch.Generator().manual_seed(0)
+        outs.append(model.generate(ids, images(2), mask, max_new_tokens=12, temperature=temperature, top_k=20,
+                                   use_cache=use_cache, generator=g))
+    assert outs[0].shape[1] == 12
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_generation_stops_at_end_of_turn():
+    model, tok = tiny_vlm()
+    prompt = tok.encode_chat(conversation()[:1], model.num_image_tokens, True)[0]
+    ids, mask = left_pad([prompt, prompt], tok.pad_id)
+
+    class ScriptedHead(torch.nn.Module):  # row 0 says <|end|> at step 2, row 1 at step 3
+        step = 0
+
+        def forward(self, h):
+            self.step += 1
+            logits = torch.zeros(h.shape[0], tok.vocab_size)
+            logits[:, 9] = 1.0
+            logits[0, tok.eot_id] = 2.0 * (self.step >= 2)
+            logits[1, tok.eot_id] = 2.0 * (self.step >= 3)
+            return logits
+
+    model.llm.lm_head = ScriptedHead()
+    out = model.generate(ids, images(2), mask, max_new_tokens=10, eos_id=tok.eot_id)
+    assert out.tolist() == [[9, tok.eot_id, tok.eot_id], [9, 9, tok.eot_id]]
+
+
+def test_sampling_filters():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.9], [5.0, 0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    assert sample_next(logits).tolist() == [1, 0]
+    assert sample_next(logits, 1.0, top_k=1, generator=g).tolist() == [1, 0]
+    assert sample_next(logits, 1.0, top_p=0.01, generator=g).tolist() == [1, 0]
+    draws = torch.stack([sample_next(logits, 1.0, top_k=2, generator=g) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 3}
+
+
+def test_attention_mask_is_causal_and_hides_padding():
+    valid = torch.tensor([[False, True, True]])
+    m = attention_mask(valid, 3)[0, 0]
+    assert m.tolist() == [[True, False, False], [False, True, False], [False, True, True]]
+
+
+def test_decoder_matches_transformers_llama():
+    transformers = pytest.importorskip('transformers')
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
+                                   rope_theta=10000.0, tie_word_embeddings=False, max_position_embeddings=128)
+    torch.manual_seed(0)
+    ref = transformers.LlamaForCausalLM(cfg).eval()
+    ours = Decoder(DecoderConfig(vocab_size=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=48, intermediate_size=96,
+                                 tie_embeddings=False)).eval()
+    sd = {k.removeprefix('model.'): v for k, v in ref.state_dict().items() if 'rotary' not in k}
+    ours.load_state_dict(sd)
+    ids = torch.randint(0, 64, (2, 17))
+    with torch.no_grad():
+        expected = ref(ids).logits
+        pos = torch.arange(17).expand(2, 17)
+        got = ours.lm_head(ours(ours.embed_tokens(ids), pos, torch.ones(2, 17, dtype=torch.bool)))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,70 @@
+import json
+import os
+import shutil
+import sys
+
+import torch
+
+from conftest import TINY, run
+
+
+def train(shapes_dir, out_dir, *extra, launcher=None):
+    args = (launcher or [sys.executable]) + ['train_vlm.py', f'--data_dir={shapes_dir}', f'--out_dir={out_dir}',
+                                             *TINY, *extra]
+    return run(args)
+
+
+def train_losses(out_dir):
+    lines = [json.loads(l) for l in open(os.path.join(out_dir, 'metrics.jsonl'))]
+    return {m['iter']: m['loss'] for m in lines if 'loss' in m}
+
+
+def weights(out_dir):
+    return torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)['model']
+
+
+def test_tiny_training_run_loss_falls_and_reports_accuracy(shapes_dir, tmp_path):
+    p = train(shapes_dir, tmp_path, '--max_iters=60', '--eval_interval=30', '--batch_size=16',
+              '--learning_rate=3e-3', '--warmup_iters=5', '--log_interval=5')
+    losses = train_losses(tmp_path)
+    first, last = losses[5], losses[60]
+    assert last < 0.6 * first, losses
+    assert 'held-out test accuracy on 80 questions' in p.stdout
+    result = json.load(open(tmp_path / 'test_accuracy.json'))
+    assert result['questions'] == 80 and set(result['accuracy']) >= {'all', 'count', 'color'}
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['iter_num'] == 60 and ckpt['config']['batch_size'] == 16
+    assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
+
+
+def test_resume_continues_exactly(shapes_dir, tmp_path):
+    # constant learning rate, so that stopping at 3 and going on to 6 follows the same schedule
+    common = ['--batch_size=8', '--learning_rate=2e-3', '--min_lr=2e-3', '--warmup_iters=0', '--test_at_end=False',
+              '--eval_interval=3']
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    train(shapes_dir, straight, '--max_iters=6', *common)
+    train(shapes_dir, resumed, '--max_iters=3', *common)
+    train(shapes_dir, resumed, '--max_iters=6', '--init_from=resume', *common)
+    a, b = train_losses(straight), train_losses(resumed)
+    for it in (4, 5, 6):
+        assert abs(a[it] - b[it]) < 1e-6, (it, a, b)
+    for k, v in weights(straight).items():
+        torch.testing.assert_close(v, weights(resumed)[k], rtol=0, atol=0)
+
+
+def test_two_process_ddp_matches_one_process(shapes_dir, tmp_path):
+    # one process with 2 micro-steps of 4 == two processes with 1 micro-step of 4 each: the same
+    # global batch, and answers of different lengths, so normalising by the global token count matters
+    common = ['--max_iters=3', '--batch_size=4', '--test_at_end=False', '--eval_interval=100', '--dtype=float32',
+              '--learning_rate=1e-2', '--warmup_iters=1']
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    train(shapes_dir, one, '--grad_accum=2', *common)
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+    p = train(shapes_dir, two, '--grad_accum=1', *common, launcher=torchrun)
+    assert 'world 2' in p.stdout
+    a, b = train_losses(one), train_losses(two)
+    for it in (1, 2, 3):
+        assert abs(a[it] - b[it]) < 1e-5, (a, b)
+    wa, wb = weights(one), weights(two)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
