@@ -40,7 +40,8 @@ n_img = model.num_image_tokens
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
 step_model = torch.compile(model) if compile else model
 order = DataOrder(len(train_set), seed)
-batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len) for _ in range(grad_accum)]
+batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, isolate_turns=isolate_turns)
+           for _ in range(grad_accum)]
 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 n_text = sum(int(b['attention_mask'].sum()) - n_img * len(b['images']) for b in batches)
 n_samples = sum(len(b['images']) for b in batches)

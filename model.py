@@ -36,12 +36,12 @@ IGNORE_INDEX = -100  # targets at prompt, image and padding positions
 class ViTConfig:
     image_size: int = 64
     patch_size: int = 8
+    patch_overlap: int = 0  # pixels each patch also sees of its neighbours (0: plain ViT patchify)
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
     mlp_ratio: float = 4.0
     norm_eps: float = 1e-6
-    conv_stem: bool = False  # 3x3 stride-2 convolutions instead of one patchify layer (Xiao et al. 2021)
     image_mean: tuple = (0.5, 0.5, 0.5)  # images are normalised with what the tower was trained on
     image_std: tuple = (0.5, 0.5, 0.5)
 
@@ -67,21 +67,24 @@ class ViTBlock(nn.Module):
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
 
+def sincos_2d(grid, dim):
+    """(grid*grid, dim) 2D sine-cosine position table: a quarter of the channels each for sin and cos
+    of the row and of the column. The learned positions start here rather than at noise, so patches
+    know where they are from the first step (as in Beyer et al. 2022, "Better plain ViT baselines")."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4) / (dim // 4))
+    y, x = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing='ij')
+    y, x = y.flatten()[:, None] * omega, x.flatten()[:, None] * omega
+    return torch.cat([x.sin(), x.cos(), y.sin(), y.cos()], dim=1)
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        if cfg.conv_stem:  # "Early convolutions help transformers see better": local edges and corners come first
-            layers, c_in = [], 3
-            for i in range(int(math.log2(cfg.patch_size))):
-                c_out = cfg.n_embd // 2 ** (int(math.log2(cfg.patch_size)) - i)
-                layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GELU()]
-                c_in = c_out
-            self.patch_embed = nn.Sequential(*layers, nn.Conv2d(c_in, cfg.n_embd, 1))
-        else:
-            self.patch_embed = nn.Conv2d(3, cfg.n_embd, cfg.patch_size, stride=cfg.patch_size)
-        self.pos_embed = nn.Parameter(torch.randn(1, self.num_patches, cfg.n_embd) * 0.02)
+        k = cfg.patch_size + 2 * cfg.patch_overlap  # overlapping patches: an object cut by a patch border
+        self.patch_embed = nn.Conv2d(3, cfg.n_embd, k, stride=cfg.patch_size, padding=cfg.patch_overlap)
+        self.pos_embed = nn.Parameter(sincos_2d(int(math.isqrt(self.num_patches)), cfg.n_embd)[None])
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layer))
         self.ln_post = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.register_buffer('mean', torch.tensor(cfg.image_mean).view(1, 3, 1, 1) * 255, persistent=False)
@@ -248,13 +251,17 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(key_valid, T):
+def attention_mask(key_valid, T, segment_ids=None):
     """(B, S) bool of real keys -> (B, 1, T, S) bool for the last T queries: causal AND real key.
+    With segment_ids (B, S) (no cache), a token sees the shared prefix (segment 0) and its own segment.
     Every query also sees itself, so a padding row is never fully masked (no NaN from softmax)."""
     S = key_valid.shape[1]
     q_idx = torch.arange(S - T, S, device=key_valid.device)[:, None]
     k_idx = torch.arange(S, device=key_valid.device)[None, :]
     mask = (k_idx <= q_idx) & key_valid[:, None, None, :]
+    if segment_ids is not None:
+        seg_q, seg_k = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
+        mask = mask & ((seg_k == 0) | (seg_k == seg_q))
     return mask | (k_idx == q_idx)
 
 
@@ -269,11 +276,12 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, x, positions, key_valid, cache=None):
-        """x (B, T, C) input embeddings; positions (B, T); key_valid (B, S) with S = cached + T.
+    def forward(self, x, positions, key_valid, cache=None, segment_ids=None):
+        """x (B, T, C) input embeddings; positions (B, T); key_valid (B, S) with S = cached + T;
+        segment_ids (B, T) for packed independent turns (see attention_mask).
         Returns the final hidden states (B, T, C); apply lm_head for logits."""
         cos, sin = rope_cos_sin(positions, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta)
-        mask = attention_mask(key_valid, x.shape[1])
+        mask = attention_mask(key_valid, x.shape[1], segment_ids)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
@@ -299,7 +307,9 @@ class VLMConfig:
 
 
 def _init_weights(module, std=0.02):
-    if isinstance(module, (nn.Linear, nn.Conv2d)):
+    """GPT-2's N(0, 0.02) for linear layers and embeddings; the patch embedding keeps PyTorch's
+    fan-in scaled init."""
+    if isinstance(module, nn.Linear):
         nn.init.normal_(module.weight, std=std)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
@@ -345,15 +355,16 @@ class VLM(nn.Module):
                              f'{image_embeds.shape[0]} x {image_embeds.shape[1]} image embeddings')
         return x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
 
-    def forward(self, input_ids, images=None, attention_mask=None, targets=None):
+    def forward(self, input_ids, images=None, attention_mask=None, targets=None, positions=None, segment_ids=None):
         """With targets: the summed cross-entropy over supervised positions (the caller divides by the
         token count, so gradient accumulation and DDP can normalise by the global count).
-        Without: logits (B, T, V)."""
+        Without: logits (B, T, V). positions and segment_ids come with packed independent turns."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
-        h = self.llm(self.embed(input_ids, images), positions, attention_mask)
+        if positions is None:
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
+        h = self.llm(self.embed(input_ids, images), positions, attention_mask, segment_ids=segment_ids)
         if targets is None:
             return self.llm.lm_head(h)
         supervised = targets != IGNORE_INDEX
@@ -376,6 +387,7 @@ class VLM(nn.Module):
         for _ in range(max_new_tokens):
             h = self.llm(x, positions, mask, cache)
             logits = self.llm.lm_head(h[:, -1]).float()  # (B, V)
+            logits[:, self.cfg.image_token_id] = float('-inf')  # a placeholder is never an answer
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
@@ -422,7 +434,7 @@ def sample_next(logits, temperature=0.0, top_k=None, top_p=None, generator=None)
         sorted_logits, order = torch.sort(logits, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
         drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float('-inf'))
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float('-inf'))
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 

@@ -46,7 +46,7 @@ def sample_scene(rng, image_size=64):
     objects = []
     for i, cell in enumerate(cells):
         size = 'large' if i == large else 'small'
-        r = cell_px * (0.40 if size == 'large' else 0.24) * rng.uniform(0.9, 1.1)  # radius
+        r = cell_px * (0.40 if size == 'large' else 0.28) * rng.uniform(0.9, 1.1)  # radius
         slack = cell_px / 2 - r - 0.5  # keep the object inside its cell
         cx = (cell % 3 + 0.5) * cell_px + rng.uniform(-slack, slack)
         cy = (cell // 3 + 0.5) * cell_px + rng.uniform(-slack, slack)
@@ -92,7 +92,8 @@ def render_scene(objects, rng, image_size=64, noise=6.0):
 
 
 def describe(o):
-    return f"a {o['size']} {o['color']} {o['shape']} at the {POSITIONS[o['cell']]}"
+    # position first: the model decides where the next object is, then reads what is there
+    return f"at the {POSITIONS[o['cell']]} a {o['size']} {o['color']} {o['shape']}"
 
 
 def scene_caption(objects):
@@ -184,11 +185,23 @@ def prepare_shapes(a):
                     row += 1
             print(f'{split}: {n} images')
     images.flush()
+    save_examples(a.out_dir, images, os.path.join(a.out_dir, 'test.jsonl'))
     del images
     os.replace(os.path.join(a.out_dir, 'images.npy.tmp'), os.path.join(a.out_dir, 'images.npy'))
     write_meta(a.out_dir, source='shapes', image_size=a.image_size, class_names=list(SHAPES),
                label_meaning='shape of the large object', counts=splits, skipped={},
                question_types=list(QUESTION_TYPES), seed=a.seed)
+
+
+def save_examples(out_dir, images, jsonl, n=4):
+    """A few test images as PNG files, with their questions and answers, to try sample.py on."""
+    os.makedirs(os.path.join(out_dir, 'examples'), exist_ok=True)
+    with open(jsonl) as f, open(os.path.join(out_dir, 'examples', 'answers.txt'), 'w') as out:
+        for i, line in zip(range(n), f):
+            r = json.loads(line)
+            name = f'example{i}.png'
+            Image.fromarray(np.asarray(images[r['image']])).save(os.path.join(out_dir, 'examples', name))
+            out.write(f"{name}: {r['captions'][0]}\n" + ''.join(f"  {x['q']} -> {x['a']}\n" for x in r['qa']))
 
 
 def write_meta(out_dir, **meta):
@@ -202,11 +215,11 @@ def main(argv=None):
     sub = p.add_subparsers(dest='source', required=True)
     s = sub.add_parser('shapes', help='synthetic shapes scenes (no download)')
     s.add_argument('--out_dir', default='data/shapes')
-    s.add_argument('--n_train', type=int, default=20000)
+    s.add_argument('--n_train', type=int, default=50000)
     s.add_argument('--n_val', type=int, default=500)
     s.add_argument('--n_test', type=int, default=1000)
     s.add_argument('--image_size', type=int, default=64)
-    s.add_argument('--questions_train', type=int, default=10, help='questions per training image')
+    s.add_argument('--questions_train', type=int, default=6, help='questions per training image')
     s.add_argument('--questions_eval', type=int, default=5, help='questions per val/test image')
     s.add_argument('--seed', type=int, default=1337)
     s.add_argument('--workers', type=int, default=os.cpu_count())

@@ -33,10 +33,10 @@ max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
 image_size = 64
 patch_size = 8
+patch_overlap = 0  # each patch embedding also sees this many pixels of its neighbours
 vit_layers = 4
 vit_width = 128
 vit_heads = 4
-conv_stem = False  # convolutions instead of a single patchify layer
 connector = 'pixel_shuffle'  # 'mlp' or 'pixel_shuffle'
 pixel_shuffle_factor = 2
 llm_layers = 4
@@ -47,6 +47,7 @@ llm_mlp_width = 688
 tie_embeddings = True
 tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
 max_seq_len = 256
+isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see training.pack_turns)
 # optimisation
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
@@ -130,7 +131,7 @@ peak = peak_flops or measure_peak_flops(device, dtype)
 
 def evaluate():
     raw_model.eval()
-    loss = val_loss(raw_model, val_set, tok, max_seq_len, batch_size, val_batches, device, amp)
+    loss = val_loss(raw_model, val_set, tok, max_seq_len, batch_size, val_batches, device, amp, isolate_turns)
     acc, n = qa_accuracy(raw_model, val_set, tok, device, amp, eval_questions)
     raw_model.train()
     return loss, acc, n
@@ -179,7 +180,7 @@ while True:
     for k in range(grad_accum):
         chunk = idx[(k * world_size + rank) * batch_size:(k * world_size + rank + 1) * batch_size]
         micro.append({key: v.to(device) for key, v in
-                      collate(train_set, chunk, tok, n_img, max_seq_len, stats).items()})
+                      collate(train_set, chunk, tok, n_img, max_seq_len, stats, isolate_turns).items()})
     # normalise by the supervised tokens of the whole step, over micro-steps and processes
     n_sup = torch.tensor(float(sum(int((b['targets'] != IGNORE_INDEX).sum()) for b in micro)), device=device)
     if ddp:

@@ -136,46 +136,77 @@ def conversation(record, caption_prompt='describe the image.'):
             {'role': 'assistant', 'content': record['captions'][0]}]
 
 
-def encode_sample(tokenizer, turns, num_image_tokens, max_len):
-    """(input ids, targets) for one conversation, or None if not even the first answer fits.
-    Too long: whole trailing turns are dropped, so image tokens and answers are never cut in half.
-    Returns (ids, targets, n_turns_dropped)."""
-    ids, sup = tokenizer.encode_chat(turns, num_image_tokens)
-    dropped = 0
-    while len(ids) > max_len and len(turns) > 2:
-        turns = turns[:-2]
-        dropped += 2
+def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
+    """Token ids, supervised flags, positions and segment ids of a conversation.
+    isolate_turns=False: one causal conversation; every token is in segment 0.
+    isolate_turns=True: each (user, assistant) pair becomes its own single-turn conversation about
+    the image. They share one prefix, which ends with the image tokens (segment 0, computed once);
+    pair k is segment k, sees only the prefix and itself, and has the positions it would have alone.
+    So an answer can only come from the image, never from an earlier answer, exactly as at test time."""
+    if not isolate_turns:
         ids, sup = tokenizer.encode_chat(turns, num_image_tokens)
+        return ids, sup, list(range(len(ids))), [0] * len(ids)
+    ids = sup = pos = seg = None
+    for k in range(0, len(turns) - 1, 2):
+        q = turns[k]['content'] if k == 0 else '<image>\n' + turns[k]['content']
+        one, one_sup = tokenizer.encode_chat([{'role': 'user', 'content': q}, turns[k + 1]], num_image_tokens)
+        p = max(i for i, t in enumerate(one) if t == tokenizer.image_token_id) + 1
+        if ids is None:
+            ids, sup, pos, seg = one[:p], one_sup[:p], list(range(p)), [0] * p
+        ids, sup = ids + one[p:], sup + one_sup[p:]
+        pos, seg = pos + list(range(p, len(one))), seg + [k // 2 + 1] * (len(one) - p)
+    return ids, sup, pos, seg
+
+
+def encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns=False):
+    """(ids, targets, positions, segment_ids, turns dropped) for one conversation, or None if not even
+    the first answer fits. Too long: whole trailing turns are dropped, never part of the image or of
+    an answer. targets[t] is the next token where that token is supervised, else IGNORE_INDEX."""
+    dropped = 0
+    while True:
+        ids, sup, pos, seg = pack_turns(tokenizer, turns, num_image_tokens, isolate_turns)
+        if len(ids) <= max_len or len(turns) <= 2:
+            break
+        turns, dropped = turns[:-2], dropped + 2
     if len(ids) > max_len or not any(sup):
         return None
-    targets = [t if s else IGNORE_INDEX for t, s in zip(ids[1:], sup[1:])] + [IGNORE_INDEX]
-    return ids, targets, dropped
+    targets = [t if s and sg == sg_prev else IGNORE_INDEX
+               for t, s, sg, sg_prev in zip(ids[1:], sup[1:], seg[1:], seg[:-1])] + [IGNORE_INDEX]
+    return ids, targets, pos, seg, dropped
 
 
-def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None):
-    """Right-padded batch: input_ids, targets (IGNORE_INDEX at padding), attention_mask, images."""
+def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, isolate_turns=False):
+    """Right-padded batch: input_ids, targets (IGNORE_INDEX at padding), attention_mask, images,
+    and positions and segment_ids when turns are isolated."""
     seqs, rows = [], []
     for i in indices:
         r = dataset.records[i]
-        enc = encode_sample(tokenizer, conversation(r), num_image_tokens, max_len)
+        enc = encode_sample(tokenizer, conversation(r), num_image_tokens, max_len, isolate_turns)
         if enc is None:
             if stats is not None:
                 stats['skipped_too_long'] += 1
             continue
-        if stats is not None and enc[2]:
+        if stats is not None and enc[4]:
             stats['truncated'] += 1
         seqs.append(enc)
         rows.append(r['image'])
+    if not seqs:
+        raise SystemExit(f'data error: no sample of this batch fits in max_seq_len={max_len}; raise it')
     T = max(len(s[0]) for s in seqs)
-    input_ids = torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long)
-    targets = torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-    for b, (ids, tg, _) in enumerate(seqs):
-        input_ids[b, :len(ids)] = torch.tensor(ids)
-        targets[b, :len(ids)] = torch.tensor(tg)
-        mask[b, :len(ids)] = True
-    images = torch.from_numpy(np.stack([dataset.images[j] for j in rows]))
-    return dict(input_ids=input_ids, targets=targets, attention_mask=mask, images=images)
+    batch = dict(input_ids=torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long),
+                 targets=torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long),
+                 attention_mask=torch.zeros((len(seqs), T), dtype=torch.bool),
+                 positions=torch.zeros((len(seqs), T), dtype=torch.long),
+                 segment_ids=torch.zeros((len(seqs), T), dtype=torch.long))
+    for b, (ids, tg, pos, seg, _) in enumerate(seqs):
+        n = len(ids)
+        batch['input_ids'][b, :n], batch['targets'][b, :n] = torch.tensor(ids), torch.tensor(tg)
+        batch['positions'][b, :n], batch['segment_ids'][b, :n] = torch.tensor(pos), torch.tensor(seg)
+        batch['attention_mask'][b, :n] = True
+    if not isolate_turns:
+        del batch['positions'], batch['segment_ids']
+    batch['images'] = torch.from_numpy(np.stack([dataset.images[j] for j in rows]))
+    return batch
 
 
 class DataOrder:
@@ -207,8 +238,8 @@ class DataOrder:
 def vlm_config(c, tok):
     """The model of a training config (train_vlm.py's keys), for this tokenizer."""
     return VLMConfig(
-        vision=ViTConfig(image_size=c['image_size'], patch_size=c['patch_size'], n_layer=c['vit_layers'],
-                         n_head=c['vit_heads'], n_embd=c['vit_width'], conv_stem=c['conv_stem']),
+        vision=ViTConfig(image_size=c['image_size'], patch_size=c['patch_size'], patch_overlap=c['patch_overlap'],
+                         n_layer=c['vit_layers'], n_head=c['vit_heads'], n_embd=c['vit_width']),
         connector=ConnectorConfig(kind=c['connector'], in_dim=c['vit_width'], out_dim=c['llm_width'],
                                   scale_factor=c['pixel_shuffle_factor']),
         llm=DecoderConfig(vocab_size=tok.vocab_size, n_layer=c['llm_layers'], n_head=c['llm_heads'],
@@ -266,14 +297,15 @@ def raw_state_dict(model):
 # evaluation
 
 @torch.no_grad()
-def val_loss(model, dataset, tokenizer, max_len, batch_size, n_batches, device, amp):
+def val_loss(model, dataset, tokenizer, max_len, batch_size, n_batches, device, amp, isolate_turns=False):
     """Mean cross-entropy per supervised token over the first n_batches of the split."""
     total, count = 0.0, 0
     for b in range(n_batches):
         idx = list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size)))
         if not idx:
             break
-        batch = {k: v.to(device) for k, v in collate(dataset, idx, tokenizer, model.num_image_tokens, max_len).items()}
+        batch = {k: v.to(device) for k, v in collate(dataset, idx, tokenizer, model.num_image_tokens, max_len,
+                                                              isolate_turns=isolate_turns).items()}
         with amp():
             total += model(**batch).item()
         count += int((batch['targets'] != IGNORE_INDEX).sum())

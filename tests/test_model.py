@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from model import (IGNORE_INDEX, VLM, ConnectorConfig, Decoder, DecoderConfig, Tokenizer, ViTConfig, VLMConfig,
                    attention_mask, left_pad, sample_next)
-from training import encode_sample
+from training import encode_sample, pack_turns
 
 TEXTS = ['<image>\nwhat color is the circle?', 'red', 'how many objects are there?', 'two',
          'describe the image.', 'a large red circle at the top left and a small blue square at the center.']
@@ -67,7 +67,7 @@ def test_loss_is_cross_entropy_over_exactly_the_answer_positions():
     input_ids = torch.full((2, T), tok.pad_id)
     targets = torch.full((2, T), IGNORE_INDEX)
     mask = torch.zeros((2, T), dtype=torch.bool)
-    for b, (ids, tg, _) in enumerate(encoded):
+    for b, (ids, tg, *_) in enumerate(encoded):
         input_ids[b, :len(ids)], targets[b, :len(ids)], mask[b, :len(ids)] = torch.tensor(ids), torch.tensor(tg), True
     imgs = images(2)
     loss_sum = model(input_ids, imgs, mask, targets)
@@ -175,3 +175,26 @@ def test_decoder_matches_transformers_llama():
         pos = torch.arange(17).expand(2, 17)
         got = ours.lm_head(ours(ours.embed_tokens(ids), pos, torch.ones(2, 17, dtype=torch.bool)))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_isolated_turns_score_each_answer_as_if_asked_alone():
+    """Packed (shared image prefix, one segment per question) == each question in its own sequence."""
+    model, tok = tiny_vlm()
+    n = model.num_image_tokens
+    turns = conversation('red') + [{'role': 'user', 'content': TEXTS[2]}, {'role': 'assistant', 'content': 'two'}]
+    ids, tg, pos, seg, _ = encode_sample(tok, turns, n, 512, isolate_turns=True)
+    img = images(1)
+    packed = model(torch.tensor([ids]), img, targets=torch.tensor([tg]), positions=torch.tensor([pos]),
+                   segment_ids=torch.tensor([seg]))
+    alone = 0.0
+    for k in range(0, len(turns), 2):
+        q = turns[k]['content'] if k == 0 else '<image>\n' + turns[k]['content']
+        one = encode_sample(tok, [{'role': 'user', 'content': q}, turns[k + 1]], n, 512)
+        alone = alone + model(torch.tensor([one[0]]), img, targets=torch.tensor([one[1]]))
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+    # without isolation the later answers see the earlier ones, and the loss differs
+    chained = encode_sample(tok, turns, n, 512)
+    assert abs(float(model(torch.tensor([chained[0]]), img, targets=torch.tensor([chained[1]]))) - float(alone)) > 1e-4
+    assert sum(t != -100 for t in tg) == sum(t != -100 for t in chained[1])
+    assert pack_turns(tok, turns, n, True)[0].count(tok.image_token_id) == n  # the image once

@@ -56,7 +56,7 @@ def test_two_process_ddp_matches_one_process(shapes_dir, tmp_path):
     # one process with 2 micro-steps of 4 == two processes with 1 micro-step of 4 each: the same
     # global batch, and answers of different lengths, so normalising by the global token count matters
     common = ['--max_iters=3', '--batch_size=4', '--test_at_end=False', '--eval_interval=100', '--dtype=float32',
-              '--learning_rate=1e-2', '--warmup_iters=1']
+              '--learning_rate=1e-2', '--warmup_iters=1', '--isolate_turns=True']
     one, two = tmp_path / 'one', tmp_path / 'two'
     train(shapes_dir, one, '--grad_accum=2', *common)
     torchrun = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
