@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import time
 from collections import defaultdict
 from contextlib import ExitStack, contextmanager
 
@@ -80,7 +81,6 @@ def measure_peak_flops(device, dtype, n=2048, reps=5):
     if device.startswith('cpu') and dt == torch.float16:
         dt = torch.float32
     a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
-    import time
     times = []
     for i in range(reps + 1):
         if device.startswith('cuda'):

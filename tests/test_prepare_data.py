@@ -16,13 +16,10 @@ def object_pixels(img):
 
 
 def cell_slice(cell, size=64):
+    """Rows and columns of one cell of the 3x3 grid."""
     r, c = divmod(cell, 3)
-    a, b = int(r * size / 3), int(c * size / 3)
-    return img_slice(a, b, size)
-
-
-def img_slice(a, b, size):
-    return slice(a, a + size // 3), slice(b, b + size // 3)
+    top, left = int(r * size / 3), int(c * size / 3)
+    return slice(top, top + size // 3), slice(left, left + size // 3)
 
 
 def color_in_cell(img, cell):
