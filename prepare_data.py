@@ -10,7 +10,7 @@ Turn a source into glimpse's one on-disk format:
     data/<name>/meta.json      source, image size, class names, counts, what was skipped
 
 Sources:
-    python prepare_data.py shapes [--n_train 20000 ...]   synthetic scenes, no download (the default)
+    python prepare_data.py shapes [--n_train 50000 ...]   synthetic scenes, no download (the default)
 """
 import argparse
 import json
