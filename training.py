@@ -7,8 +7,9 @@ import json
 import math
 import os
 import random
+import re
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
@@ -341,3 +342,67 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# caption metrics: BLEU-4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015), corpus level
+
+def caption_words(s):
+    return re.findall(r"[a-z0-9]+(?:'[a-z]+)?", s.lower())
+
+
+def _ngrams(words, n):
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+
+def bleu4(candidates, references):
+    """Corpus BLEU-4: clipped n-gram precisions pooled over the corpus, geometric mean, brevity
+    penalty against the reference length closest to each candidate. references[i] is a list of strings."""
+    match, total, c_len, r_len = [0] * 4, [0] * 4, 0, 0
+    for cand, refs in zip(candidates, references):
+        c, rs = caption_words(cand), [caption_words(r) for r in refs]
+        c_len += len(c)
+        r_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
+        for n in range(1, 5):
+            max_ref = Counter()
+            for r in rs:
+                max_ref |= _ngrams(r, n)
+            counts = _ngrams(c, n)
+            match[n - 1] += sum(min(k, max_ref[g]) for g, k in counts.items())
+            total[n - 1] += sum(counts.values())
+    if min(match) == 0:
+        return 0.0
+    log_p = sum(math.log(m / t) for m, t in zip(match, total)) / 4
+    bp = 1.0 if c_len > r_len else math.exp(1 - r_len / max(c_len, 1))
+    return bp * math.exp(log_p)
+
+
+def cider_d(candidates, references, sigma=6.0):
+    """Corpus CIDEr-D: per n (1..4) the cosine of TF-IDF n-gram vectors with candidate values clipped
+    by the reference's, a Gaussian penalty on the length difference, times 10, averaged over the
+    references, the four n and the images. Document frequencies come from the references."""
+    refs_w = [[caption_words(r) for r in refs] for refs in references]
+    df = Counter()
+    for rs in refs_w:
+        df.update({g for r in rs for n in range(1, 5) for g in _ngrams(r, n)})
+    log_n = math.log(len(references))
+
+    def tfidf(words, n):
+        return {g: k * (log_n - math.log(max(1.0, df[g]))) for g, k in _ngrams(words, n).items()}
+
+    scores = []
+    for cand, rs in zip(candidates, refs_w):
+        c = caption_words(cand)
+        score = 0.0
+        for n in range(1, 5):
+            vc = tfidf(c, n)
+            norm_c = math.sqrt(sum(v * v for v in vc.values()))
+            for r in rs:
+                vr = tfidf(r, n)
+                norm_r = math.sqrt(sum(v * v for v in vr.values()))
+                if norm_c == 0 or norm_r == 0:
+                    continue
+                dot = sum(min(vc.get(g, 0.0), v) * v for g, v in vr.items())
+                score += math.exp(-(len(c) - len(r)) ** 2 / (2 * sigma ** 2)) * dot / (norm_c * norm_r)
+        scores.append(10.0 * score / (4 * len(rs)))
+    return sum(scores) / len(scores)
