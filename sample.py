@@ -20,7 +20,8 @@ from configurator import apply_config
 from model import VLM, Tokenizer, VLMConfig
 from training import autocast_context, load_checkpoint, pick_device, pick_dtype
 
-out_dir = 'out/shapes'  # where train_vlm.py wrote ckpt.pt
+out_dir = 'out/shapes'  # where train_vlm.py wrote its checkpoints
+checkpoint = 'ckpt.pt'  # in out_dir: ckpt.pt (latest), best.pt (lowest val loss) or weights.pt (weights only)
 image = ''  # an image file, or a folder of them
 prompt = 'describe the image.'
 chat = False  # interactive: keep asking questions about the same image
@@ -57,7 +58,7 @@ if not os.path.exists(image):
     raise SystemExit(f'image error: {image} not found')
 device = pick_device(device)
 amp = functools.partial(autocast_context, device.split(':')[0], pick_dtype(dtype, device.split(':')[0]))
-ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
+ckpt = load_checkpoint(os.path.join(out_dir, checkpoint), device)
 model = VLM(VLMConfig.from_dict(ckpt['model_config']))
 model.load_state_dict(ckpt['model'])
 model.to(device).eval()

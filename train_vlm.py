@@ -9,6 +9,7 @@ Defaults below; a config file and --key=value overrides replace them (see config
 """
 import functools
 import json
+import math
 import os
 import sys
 import time
@@ -20,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
 from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
-from training import (DataOrder, VLMDataset, autocast_context, collate, load_checkpoint, lr_at, make_optimizer,
-                      measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint, 
+from training import (DataOrder, VLMDataset, autocast_context, caption_scores, collate, load_checkpoint, lr_at,
+                      make_optimizer, measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint,
                       setup_distributed, seed_everything, val_loss, vlm_config)
 
 # -----------------------------------------------------------------------------
@@ -64,11 +65,14 @@ eval_interval = 250
 eval_questions = 500  # held-out val questions answered by generation at each eval
 val_batches = 8
 test_at_end = True  # answer every test-split question when training ends
+eval_captions = 0  # val images captioned at each eval and scored with BLEU-4 and CIDEr-D (caption datasets)
+early_stop_patience = 0  # stop after this many evals without a lower val loss (0 = never stop early)
 log_interval = 10
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = measure a large matmul at start
 wandb_log = False
 wandb_project = 'glimpse'
 wandb_run_name = 'shapes'
+tensorboard_log = False  # scalars to out_dir/tensorboard (needs the tensorboard package)
 # system
 device = 'auto'  # 'auto' picks cuda, then mps, then cpu
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
@@ -111,9 +115,10 @@ if master:
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
 order = DataOrder(len(train_set), seed)
 iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
+evals_since_best = 0  # for early stopping
 if ckpt:
     optimizer.load_state_dict(ckpt['optimizer'])
-    iter_num, best_val = ckpt['iter_num'], ckpt['best_val_loss']
+    iter_num, best_val, evals_since_best = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['evals_since_best']
     order = DataOrder(len(train_set), seed, **ckpt['data_order'])
     train_time = ckpt['train_time']
     torch.set_rng_state(ckpt['rng'].cpu())
@@ -126,6 +131,20 @@ if ddp:
 if wandb_log and master:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+if tensorboard_log and master:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit('config error: tensorboard_log=True needs the tensorboard package: pip install tensorboard')
+    tb = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
+
+
+def log_scalars(scalars, step):
+    if wandb_log:
+        wandb.log(scalars, step=step)
+    if tensorboard_log:
+        for k, v in scalars.items():
+            tb.add_scalar(k, v, step)
 peak = peak_flops or measure_peak_flops(device, dtype)
 
 
@@ -133,15 +152,16 @@ def evaluate():
     raw_model.eval()
     loss = val_loss(raw_model, val_set, tok, max_seq_len, batch_size, val_batches, device, amp, isolate_turns)
     acc, n = qa_accuracy(raw_model, val_set, tok, device, amp, eval_questions)
+    captions = caption_scores(raw_model, val_set, tok, device, amp, eval_captions)[0] if eval_captions else {}
     raw_model.train()
-    return loss, acc, n
+    return loss, acc, n, captions
 
 
 def save(path):
     save_checkpoint({'model': raw_state_dict(model), 'optimizer': optimizer.state_dict(),
                      'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(), 'config': config,
-                     'iter_num': iter_num, 'best_val_loss': best_val, 'data_order': order.state(),
-                     'train_time': train_time, 'rng': torch.get_rng_state()}, path)
+                     'iter_num': iter_num, 'best_val_loss': best_val, 'evals_since_best': evals_since_best,
+                     'data_order': order.state(), 'train_time': train_time, 'rng': torch.get_rng_state()}, path)
 
 
 # -----------------------------------------------------------------------------
@@ -157,20 +177,35 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
 
-    if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
-        loss, acc, n = evaluate()
-        print(f'eval iter {iter_num}: val loss {loss:.4f}, accuracy on {n} val questions ' +
-              ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items())) + f' ({train_time / 60:.1f} min trained)')
-        with open(metrics_path, 'a') as f:
-            f.write(json.dumps({'iter': iter_num, 'train_minutes': train_time / 60, 'val_loss': loss,
-                                'accuracy': acc}) + '\n')
-        if wandb_log:
-            wandb.log({'iter': iter_num, 'val/loss': loss, **{f'val/acc_{k}': v for k, v in acc.items()}})
-        best_val = min(best_val, loss)
-        if iter_num > 0:
-            save(os.path.join(out_dir, 'ckpt.pt'))
-            print(f'saved {out_dir}/ckpt.pt')
-    if iter_num >= max_iters:
+    stop = iter_num >= max_iters
+    if iter_num % eval_interval == 0 or iter_num == max_iters:
+        if master:
+            loss, acc, n, captions = evaluate()
+            print(f'eval iter {iter_num}: val loss {loss:.4f} (perplexity {math.exp(loss):.2f})' +
+                  (f', accuracy on {n} val questions ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items()))
+                   if n else '') + ''.join(f', {k} {v:.3f}' for k, v in captions.items()) +
+                  f' ({train_time / 60:.1f} min trained)')
+            with open(metrics_path, 'a') as f:
+                f.write(json.dumps({'iter': iter_num, 'train_minutes': train_time / 60, 'val_loss': loss,
+                                    'perplexity': math.exp(loss), 'accuracy': acc, **captions}) + '\n')
+            log_scalars({'val/loss': loss, 'val/perplexity': math.exp(loss), **{f'val/{k}': v for k, v in captions.items()},
+                         **{f'val/acc_{k}': v for k, v in acc.items()}}, iter_num)
+            improved = loss < best_val
+            best_val = min(best_val, loss)
+            evals_since_best = 0 if improved else evals_since_best + 1
+            if iter_num > 0:
+                save(os.path.join(out_dir, 'ckpt.pt'))  # the latest state, to resume from
+                if improved:
+                    save(os.path.join(out_dir, 'best.pt'))
+                print(f'saved {out_dir}/ckpt.pt' + (' and best.pt' if improved else ''))
+            if early_stop_patience and evals_since_best >= early_stop_patience:
+                print(f'early stop: val loss has not improved on {best_val:.4f} for {evals_since_best} evals')
+                stop = True
+        if ddp:  # rank 0 decides; every rank leaves the loop at the same iteration
+            flag = torch.tensor(float(stop), device=device)
+            torch.distributed.broadcast(flag, 0)
+            stop = bool(flag.item())
+    if stop:
         break
     t_step = time.perf_counter()  # evaluation and logging do not count as training time
 
@@ -219,13 +254,18 @@ while True:
         print(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {tokens_text * world_size / dt:.0f} text tok/s, '
               f'{tokens_img * world_size / dt:.0f} image tok/s, {images_seen * world_size / dt:.1f} img/s, '
               f'MFU {flops_done / dt / peak:.1%}' + (f', {dict(stats)}' if stats else ''))
-        if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss': step_loss, 'lr': lr})
+        log_scalars({'train/loss': step_loss, 'lr': lr}, iter_num)
         tokens_text = tokens_img = images_seen = 0
         flops_done = 0.0
 
 if master:
     print(f'{iter_num} iterations, {train_time / 60:.1f} min of training')
+    # weights only (no optimizer or data state): the best checkpoint's model, for sample.py and classify.py
+    best = os.path.join(out_dir, 'best.pt')
+    final = load_checkpoint(best, device) if os.path.exists(best) else {'model': raw_state_dict(model)}
+    save_checkpoint({'model': final['model'], 'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(),
+                     'config': config}, os.path.join(out_dir, 'weights.pt'))
+    print(f'saved {out_dir}/weights.pt (weights of ' + ('best.pt)' if os.path.exists(best) else 'the last step)'))
     if test_at_end:
         test_set = VLMDataset(data_dir, 'test')
         raw_model.eval()

@@ -129,7 +129,10 @@ class VLMDataset:
             yield from r.get('captions', [])
 
 
-def conversation(record, caption_prompt='describe the image.'):
+CAPTION_PROMPT = 'describe the image.'
+
+
+def conversation(record, caption_prompt=CAPTION_PROMPT):
     """The turns to train on: the record's own, or a caption as the answer to a fixed prompt."""
     if record.get('turns'):
         return record['turns']
@@ -336,6 +339,20 @@ def qa_accuracy(model, dataset, tokenizer, device, amp, max_questions=0, batch_s
                 right[key] += ok
                 seen[key] += 1
     return {k: right[k] / seen[k] for k in seen}, len(items)
+
+
+@torch.no_grad()
+def caption_scores(model, dataset, tokenizer, device, amp, n_images, batch_size=64, max_new_tokens=48):
+    """BLEU-4 and CIDEr-D of greedy captions for the split's first n_images, against their captions."""
+    records = [r for r in dataset.records if r.get('captions')][:n_images]
+    candidates = []
+    for s in range(0, len(records), batch_size):
+        chunk = records[s:s + batch_size]
+        images = np.stack([dataset.images[r['image']] for r in chunk])
+        with amp():
+            candidates += model.chat(tokenizer, images, [CAPTION_PROMPT] * len(chunk), max_new_tokens=max_new_tokens)
+    references = [r['captions'] for r in records]
+    return {'bleu4': bleu4(candidates, references), 'cider_d': cider_d(candidates, references)}, len(records)
 
 
 def seed_everything(seed):

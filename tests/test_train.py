@@ -25,7 +25,7 @@ def weights(out_dir):
 
 def test_tiny_training_run_loss_falls_and_reports_accuracy(shapes_dir, tmp_path):
     p = train(shapes_dir, tmp_path, '--max_iters=60', '--eval_interval=30', '--batch_size=16',
-              '--learning_rate=3e-3', '--warmup_iters=5', '--log_interval=5')
+              '--learning_rate=3e-3', '--warmup_iters=5', '--log_interval=5', '--eval_captions=8')
     losses = train_losses(tmp_path)
     first, last = losses[5], losses[60]
     assert last < 0.6 * first, losses
@@ -35,6 +35,24 @@ def test_tiny_training_run_loss_falls_and_reports_accuracy(shapes_dir, tmp_path)
     ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert ckpt['iter_num'] == 60 and ckpt['config']['batch_size'] == 16
     assert not any(k.startswith(('module.', '_orig_mod.')) for k in ckpt['model'])
+    evals = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl') if 'val_loss' in l]
+    assert [e['iter'] for e in evals] == [0, 30, 60]
+    assert all(abs(e['perplexity'] - 2.718281828 ** e['val_loss']) < 1e-6 * e['perplexity'] for e in evals)
+    assert all(0 <= e['bleu4'] <= 1 and e['cider_d'] >= 0 for e in evals)
+    # best.pt holds the lowest val loss; weights.pt is its model alone
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)
+    assert best['best_val_loss'] == min(e['val_loss'] for e in evals[1:])
+    exported = torch.load(tmp_path / 'weights.pt', weights_only=True)
+    assert set(exported) == {'model', 'model_config', 'tokenizer', 'config'}
+    assert all(torch.equal(exported['model'][k], v) for k, v in best['model'].items())
+
+
+def test_early_stopping(shapes_dir, tmp_path):
+    # learning rate 0: the val loss never improves on the first eval, so patience 2 stops at the second eval after it
+    p = train(shapes_dir, tmp_path, '--max_iters=100', '--eval_interval=2', '--learning_rate=0.0', '--min_lr=0.0',
+              '--early_stop_patience=2', '--batch_size=4', '--test_at_end=False', '--eval_questions=2')
+    assert 'early stop' in p.stdout
+    assert torch.load(tmp_path / 'ckpt.pt', weights_only=True)['iter_num'] == 4
 
 
 def test_resume_continues_exactly(shapes_dir, tmp_path):
