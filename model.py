@@ -18,8 +18,11 @@ Every module of glimpse, in plain PyTorch:
                           |  image embeddings replace the <image> token embeddings
                        Decoder             (B, T, C) -> logits over the vocabulary
 """
+import base64
 import math
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field, asdict
 
 import torch
@@ -276,6 +279,9 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def new_cache(self):
+        return KVCache(self.cfg.n_layer)
+
     def forward(self, x, positions, key_valid, cache=None, segment_ids=None):
         """x (B, T, C) input embeddings; positions (B, T); key_valid (B, S) with S = cached + T;
         segment_ids (B, T) for packed independent turns (see attention_mask).
@@ -296,11 +302,14 @@ class VLMConfig:
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     llm: DecoderConfig = field(default_factory=DecoderConfig)
     image_token_id: int = 5
+    # the config.to_dict() of a Hugging Face causal LM run through HFCausalLM; None: the native Decoder
+    # (then llm describes it exactly; with HFCausalLM llm only summarises its sizes)
+    hf_llm: dict = None
 
     @classmethod
     def from_dict(cls, d):
         return cls(ViTConfig(**d['vision']), ConnectorConfig(**d['connector']), DecoderConfig(**d['llm']),
-                   d['image_token_id'])
+                   d['image_token_id'], d.get('hf_llm'))
 
     def to_dict(self):
         return asdict(self)
@@ -318,14 +327,20 @@ def _init_weights(module, std=0.02):
 
 
 class VLM(nn.Module):
-    def __init__(self, cfg: VLMConfig):
+    def __init__(self, cfg: VLMConfig, llm=None):
+        """llm: a pretrained Decoder or HFCausalLM (see load_pretrained_llm), kept as it is; None builds
+        one from cfg with fresh weights (a checkpoint's weights are loaded over them)."""
         super().__init__()
         self.cfg = cfg
         self.vision_tower = VisionTower(cfg.vision)
         self.connector = build_connector(cfg.connector)
-        self.llm = Decoder(cfg.llm)
-        self.apply(_init_weights)
+        pretrained = llm is not None
+        self.llm = llm if pretrained else HFCausalLM(cfg.hf_llm) if cfg.hf_llm else Decoder(cfg.llm)
+        for part in (self.vision_tower, self.connector) + (() if pretrained or cfg.hf_llm else (self.llm,)):
+            part.apply(_init_weights)
         for name, p in self.named_parameters():  # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer)
+            if name.startswith('llm.') and (pretrained or cfg.hf_llm):
+                continue  # pretrained, or initialised by transformers
             if name.endswith(('o_proj.weight', 'down_proj.weight')):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.llm.n_layer))
             elif name.endswith(('proj.weight', 'fc2.weight')) and name.startswith('vision_tower'):
@@ -379,7 +394,7 @@ class VLM(nn.Module):
         attention_mask = attention_mask.bool()
         image_embeds = self.image_embeddings(images) if images is not None else None
         ids, mask = input_ids, attention_mask
-        cache = KVCache(self.cfg.llm.n_layer) if use_cache else None
+        cache = self.llm.new_cache() if use_cache else None
         x = self.embed(ids, image_embeds=image_embeds)
         positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
         out = []
@@ -500,6 +515,8 @@ class Tokenizer:
 
     @classmethod
     def from_state(cls, s):
+        if s['kind'] == 'hf':  # a pretrained model's own tokenizer, saved by HFTokenizer.state()
+            return HFTokenizer.from_state(s)
         return cls(s['kind'], s['words'])
 
     def encode(self, text):
@@ -533,3 +550,292 @@ class Tokenizer:
             ids.append(self.assistant_id)
             sup.append(False)
         return ids, sup
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights: the Llama family into Decoder, any other causal LM through HFCausalLM, and the
+# model's own tokenizer and chat template behind the Tokenizer interface
+
+NATIVE_LLMS = ('llama', 'mistral', 'qwen2')  # Hugging Face model_type values whose layout Decoder implements
+
+
+def resolve_pretrained(source):
+    """A local directory, a .gguf file, or a model id in the Hugging Face cache -> (directory, gguf name or None).
+    Nothing is downloaded."""
+    if source.endswith('.gguf'):
+        if not os.path.isfile(source):
+            raise SystemExit(f'pretrained error: GGUF file {source} not found')
+        return os.path.dirname(os.path.abspath(source)), os.path.basename(source)
+    if os.path.isdir(source):
+        if not os.path.isfile(os.path.join(source, 'config.json')):
+            raise SystemExit(f'pretrained error: {source} has no config.json; give a Hugging Face model directory '
+                             f'(config.json + *.safetensors), a .gguf file, or a model id in the Hugging Face cache')
+        return source, None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        return snapshot_download(source, local_files_only=True), None
+    except (LocalEntryNotFoundError, HFValidationError):
+        raise SystemExit(f"pretrained error: '{source}' is not a local directory, a .gguf file or a model in the Hugging "
+                         f"Face cache, and glimpse downloads nothing; download it once on a connected machine with "
+                         f"`hf download {source}` (the cache is ~/.cache/huggingface), or point to a local directory")
+
+
+def read_weights(directory):
+    """Every tensor of a Hugging Face model directory: model.safetensors, its shards, or pytorch_model.bin."""
+    from safetensors.torch import load_file
+    index = os.path.join(directory, 'model.safetensors.index.json')
+    if os.path.isfile(index):
+        import json
+        with open(index) as f:
+            files = sorted(set(json.load(f)['weight_map'].values()))
+    elif os.path.isfile(os.path.join(directory, 'model.safetensors')):
+        files = ['model.safetensors']
+    elif os.path.isfile(os.path.join(directory, 'pytorch_model.bin')):
+        return torch.load(os.path.join(directory, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
+    else:
+        raise SystemExit(f'pretrained error: no model.safetensors (or shards, or pytorch_model.bin) in {directory}')
+    return {k: v for name in files for k, v in load_file(os.path.join(directory, name)).items()}
+
+
+def decoder_config_from_hf(hf, source):
+    """A Llama-family transformers config -> DecoderConfig; refuses what Decoder does not compute."""
+    if hf.model_type not in NATIVE_LLMS:
+        raise ValueError(f'{source}: model_type {hf.model_type!r} is not one of {NATIVE_LLMS}; use HFCausalLM')
+    if hf.hidden_act != 'silu':
+        raise ValueError(f"{source}: hidden_act {hf.hidden_act!r}; the native decoder's SwiGLU uses silu")
+    # transformers 5 keeps theta and scaling in rope_parameters, earlier versions in rope_theta / rope_scaling
+    rope = dict(getattr(hf, 'rope_parameters', None) or getattr(hf, 'rope_scaling', None) or {})
+    rope_type = rope.get('rope_type', rope.get('type', 'default'))
+    if rope_type != 'default':
+        raise ValueError(f"{source}: rope scaling '{rope_type}' is not implemented by the native decoder "
+                         f"(only plain RoPE); this checkpoint cannot be loaded into it")
+    n_head = hf.num_attention_heads
+    head_dim = getattr(hf, 'head_dim', None) or hf.hidden_size // n_head
+    if head_dim * n_head != hf.hidden_size:
+        raise ValueError(f'{source}: head_dim {head_dim} x {n_head} heads != hidden_size {hf.hidden_size}; '
+                         f'the native decoder needs head_dim = hidden_size / heads')
+    # sliding-window attention (Mistral, some Qwen2) only differs beyond the window, far past glimpse's sequences
+    return DecoderConfig(vocab_size=hf.vocab_size, n_layer=hf.num_hidden_layers, n_head=n_head,
+                         n_kv_head=getattr(hf, 'num_key_value_heads', None) or n_head, n_embd=hf.hidden_size,
+                         intermediate_size=hf.intermediate_size,
+                         rope_theta=float(rope.get('rope_theta', getattr(hf, 'rope_theta', 10000.0))),
+                         norm_eps=hf.rms_norm_eps, tie_embeddings=bool(hf.tie_word_embeddings),
+                         qkv_bias=hf.model_type == 'qwen2' or bool(getattr(hf, 'attention_bias', False)))
+
+
+def load_decoder(hf_config, state_dict, source):
+    """Hugging Face Llama-family weights -> Decoder. Names map one to one after dropping the 'model.' prefix;
+    every tensor must be used and every shape must match."""
+    cfg = decoder_config_from_hf(hf_config, source)
+    decoder = Decoder(cfg)
+    sd = {k.removeprefix('model.'): v for k, v in state_dict.items() if not k.endswith('rotary_emb.inv_freq')}
+    if cfg.tie_embeddings:  # tied checkpoints may or may not store the shared matrix twice
+        sd.pop('lm_head.weight', None)
+        if 'embed_tokens.weight' in sd:
+            sd['lm_head.weight'] = sd['embed_tokens.weight']
+    expected = decoder.state_dict()
+    unused, missing = sorted(set(sd) - set(expected)), sorted(set(expected) - set(sd))
+    if unused or missing:
+        raise ValueError(f'{source}: the weights do not fit the native decoder: unused {unused[:4]}'
+                         f'{" ..." if len(unused) > 4 else ""}, missing {missing[:4]}{" ..." if len(missing) > 4 else ""}')
+    for k, v in sd.items():
+        if v.shape != expected[k].shape:
+            raise ValueError(f'{source}: {k} has shape {tuple(v.shape)}, the config says {tuple(expected[k].shape)}')
+    decoder.load_state_dict(sd)
+    return decoder
+
+
+class HFCausalLM(nn.Module):
+    """Any transformers causal LM (Phi, Gemma2, GPT-2, ...) behind Decoder's interface: forward from input
+    embeddings with positions and a key mask, embed_tokens, lm_head(h) -> logits, new_cache() (the model's
+    own Cache). hf_config: a config.to_dict(); model: the loaded model (else built from hf_config)."""
+
+    def __init__(self, hf_config=None, model=None):
+        super().__init__()
+        from transformers import AutoConfig, AutoModelForCausalLM
+        if model is None:
+            hf_config = dict(hf_config)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model(hf_config.pop('model_type'), **hf_config))
+        self.model = model
+        c = model.config.get_text_config(decoder=True)
+        n_head = c.num_attention_heads
+        # sizes only, for FLOP counts (approximate for non-SwiGLU MLPs)
+        self.cfg = DecoderConfig(vocab_size=model.get_input_embeddings().weight.shape[0], n_layer=c.num_hidden_layers,
+                                 n_head=n_head, n_kv_head=getattr(c, 'num_key_value_heads', None) or n_head,
+                                 n_embd=c.hidden_size, intermediate_size=getattr(c, 'intermediate_size', None)
+                                 or getattr(c, 'n_inner', None) or 4 * c.hidden_size,
+                                 tie_embeddings=bool(getattr(c, 'tie_word_embeddings', False)))
+
+    @property
+    def embed_tokens(self):
+        return self.model.get_input_embeddings()
+
+    def lm_head(self, h):  # (..., C) -> (..., V), with Gemma-2's final logit soft-capping where the model has it
+        logits = self.model.get_output_embeddings()(h)
+        cap = getattr(self.model.config, 'final_logit_softcapping', None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def new_cache(self):
+        from transformers import DynamicCache
+        return DynamicCache(config=self.model.config)
+
+    def forward(self, x, positions, key_valid, cache=None, segment_ids=None):
+        """As Decoder.forward: (B, T, C) embeddings -> (B, T, C) final hidden states."""
+        mask = key_valid.long()
+        # packed turns: a custom 4D additive mask, which transformers takes as it is (and so ignores sliding
+        # windows, 4096 tokens in Gemma-2, far past glimpse's sequences)
+        if segment_ids is not None:
+            allowed = attention_mask(key_valid, x.shape[1], segment_ids)  # (B, 1, T, S)
+            mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
+        out = self.model.base_model(inputs_embeds=x, attention_mask=mask, position_ids=positions,
+                                    past_key_values=cache, use_cache=cache is not None)
+        return out.last_hidden_state
+
+
+def mean_rows(weight, n_rows, new_ids):
+    """(V, C) embedding or output matrix grown to n_rows; rows new_ids (tokens glimpse added) set to the mean
+    of the original rows, so a new token starts as an average token rather than as noise."""
+    out = torch.cat([weight, weight.new_zeros(max(0, n_rows - weight.shape[0]), weight.shape[1])])
+    out[new_ids] = weight.mean(0)
+    return out
+
+
+def load_pretrained_llm(source):
+    """A local directory, Hugging Face cache id or .gguf file -> (tokenizer, llm): an HFTokenizer with <image>
+    added, and a Decoder (Llama family) or HFCausalLM (anything else) holding the weights in float32, its
+    embedding (and untied output) matrix grown by the added token."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    directory, gguf = resolve_pretrained(source)
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf))
+    new_ids = [tok.image_token_id] if tok.added_image_token else []
+    hf_model = None
+    if gguf:  # transformers dequantises GGUF into a float model (and undoes llama.cpp's q/k permutation)
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+        hf_config = hf_model.config
+    else:
+        hf_config = AutoConfig.from_pretrained(directory)
+    if hf_config.model_type in NATIVE_LLMS:
+        sd = hf_model.state_dict() if hf_model is not None else read_weights(directory)
+        cfg = decoder_config_from_hf(hf_config, source)
+        n = max(cfg.vocab_size, tok.vocab_size)
+        sd = dict(sd)
+        for k in ('model.embed_tokens.weight', 'lm_head.weight'):
+            if k in sd and not (cfg.tie_embeddings and k == 'lm_head.weight'):
+                sd[k] = mean_rows(sd[k].float(), n, new_ids)
+        hf_config.vocab_size = n
+        return tok, load_decoder(hf_config, sd, source)
+    if hf_model is None:
+        hf_model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    n = max(hf_model.get_input_embeddings().weight.shape[0], tok.vocab_size)
+    untied = hf_model.get_output_embeddings().weight is not hf_model.get_input_embeddings().weight
+    old_in = hf_model.get_input_embeddings().weight.detach().clone()
+    old_out = hf_model.get_output_embeddings().weight.detach().clone() if untied else None
+    hf_model.resize_token_embeddings(n, mean_resizing=False)
+    with torch.no_grad():
+        hf_model.get_input_embeddings().weight.copy_(mean_rows(old_in, n, new_ids))
+        if untied:
+            hf_model.get_output_embeddings().weight.copy_(mean_rows(old_out, n, new_ids))
+    return tok, HFCausalLM(model=hf_model)
+
+
+# A chat template for models without one (GPT-2): "User: ...\nAssistant: ...<eos>\n"
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}"
+                       "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                       "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+class HFTokenizer:
+    """A pretrained model's own tokenizer behind the interface of Tokenizer, with '<image>' added as a special
+    token. Conversations follow the model's chat template (PLAIN_CHAT_TEMPLATE if it has none); they are
+    rendered turn by turn and encoded piece by piece, so the supervised flags mark exactly the assistant
+    answers and the end-of-turn token the template puts after them, which is also the generation stop token.
+    glimpse pads itself (right for training, left for generation, always masked), so a model without a pad
+    token pads with the end-of-turn token."""
+    IMAGE = '<image>'
+
+    def __init__(self, hf_tokenizer):
+        self.tok = hf_tokenizer
+        if not self.tok.chat_template:
+            self.tok.chat_template = PLAIN_CHAT_TEMPLATE
+        self.added_image_token = self.IMAGE not in self.tok.get_vocab()
+        if self.added_image_token:
+            self.tok.add_tokens([self.IMAGE], special_tokens=True)
+        self.image_token_id = self.tok.convert_tokens_to_ids(self.IMAGE)
+        self.vocab_size = len(self.tok)
+        self.eot_id = self._end_of_turn()
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eot_id
+
+    def _render(self, turns, add_generation_prompt):
+        return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _end_of_turn(self):
+        """The first special token the template writes after an assistant answer (<|im_end|>, <end_of_turn>...)."""
+        text = self._render([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'PROBE'}], False)
+        special = set(self.tok.all_special_ids) | {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
+        for i in self.encode(text[text.rindex('PROBE') + len('PROBE'):]):
+            if i in special:
+                return i
+        raise ValueError(f'the chat template of {self.tok.name_or_path} puts no special token after an assistant '
+                         f'answer, so there is nothing to stop generation at')
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)  # the template writes any <bos> itself
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False):
+        """As Tokenizer.encode_chat: (ids, supervised). Each turn is the text its rendering adds to the
+        rendering of the turns before it; an assistant turn splits into the generation prompt, then the
+        answer and the end-of-turn token (supervised), then what follows (a newline)."""
+        ids, sup, done = [], [], ''
+
+        def add(text, supervised):
+            for t in self.encode(text):
+                n = num_image_tokens if t == self.image_token_id else 1
+                ids.extend([t] * n)
+                sup.extend([supervised] * n)
+
+        for k in range(len(turns) + add_generation_prompt):
+            text = self._render(turns[:k + 1], k == len(turns))
+            if not text.startswith(done):
+                raise ValueError(f'the chat template of {self.tok.name_or_path} renders turn {k} differently once '
+                                 f'more turns follow, so glimpse cannot encode conversations turn by turn')
+            piece = text[len(done):]
+            if k < len(turns) and turns[k]['role'] == 'assistant':
+                header = self._render(turns[:k], True)[len(done):]
+                if not piece.startswith(header):
+                    raise ValueError(f'the chat template of {self.tok.name_or_path} does not start an assistant '
+                                     f'turn with its generation prompt {header!r}')
+                add(header, False)
+                body = self.encode(piece[len(header):])
+                if self.eot_id not in body:
+                    raise ValueError(f'the chat template of {self.tok.name_or_path} ends assistant turn {k} without '
+                                     f'the end-of-turn token {self.tok.convert_ids_to_tokens(self.eot_id)!r}')
+                end = body.index(self.eot_id) + 1
+                ids.extend(body)
+                sup.extend([True] * end + [False] * (len(body) - end))
+            else:
+                add(piece, False)
+            done = text
+        return ids, sup
+
+    def state(self):
+        """The tokenizer's files (base64 strings), so a checkpoint is self-contained and loads with weights_only."""
+        with tempfile.TemporaryDirectory() as d:
+            self.tok.save_pretrained(d)
+            files = {}
+            for name in os.listdir(d):
+                with open(os.path.join(d, name), 'rb') as f:
+                    files[name] = base64.b64encode(f.read()).decode()
+        return {'kind': 'hf', 'files': files}
+
+    @classmethod
+    def from_state(cls, s):
+        from transformers import AutoTokenizer
+        with tempfile.TemporaryDirectory() as d:
+            for name, data in s['files'].items():
+                with open(os.path.join(d, name), 'wb') as f:
+                    f.write(base64.b64decode(data))
+            return cls(AutoTokenizer.from_pretrained(d))

@@ -4,6 +4,7 @@ Ask a trained VLM about images.
     python sample.py --image x.png --prompt "what color is the circle?"
     python sample.py --image some/folder --prompt "describe the image."   # one line per image
     python sample.py --image x.png --chat                                  # ask, read, ask again
+    python sample.py --prompt "What is the capital of France?"             # no image: the LLM alone
     python sample.py --out_dir=out/shapes --temperature=0.8 --top_k=5 --num_samples=3 --image x.png
 
 Defaults below; --key=value overrides them (see configurator.py).
@@ -17,12 +18,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from configurator import apply_config
-from model import VLM, Tokenizer, VLMConfig
+from model import VLM, Tokenizer, VLMConfig, cut_at
 from training import autocast_context, load_checkpoint, pick_device, pick_dtype
 
 out_dir = 'out/shapes'  # where train_vlm.py wrote its checkpoints
 checkpoint = 'ckpt.pt'  # in out_dir: ckpt.pt (latest), best.pt (lowest val loss) or weights.pt (weights only)
-image = ''  # an image file, or a folder of them
+image = ''  # an image file, or a folder of them; none: a text-only question
 prompt = 'describe the image.'
 chat = False  # interactive: keep asking questions about the same image
 max_new_tokens = 64
@@ -52,9 +53,7 @@ def load_image(path, size):
         raise SystemExit(f'image error: cannot read {path} ({e.__class__.__name__}: {e}); give a PNG or JPEG file')
 
 
-if not image:
-    raise SystemExit('usage: python sample.py --image x.png --prompt "what color is the circle?" (or --image folder/)')
-if not os.path.exists(image):
+if image and not os.path.exists(image):
     raise SystemExit(f'image error: {image} not found')
 device = pick_device(device)
 amp = functools.partial(autocast_context, device.split(':')[0], pick_dtype(dtype, device.split(':')[0]))
@@ -67,6 +66,15 @@ size = model.cfg.vision.image_size
 sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
 gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
 
+if not image:  # text only: shows what the language model still knows after training
+    ids = torch.tensor([tok.encode_chat([{'role': 'user', 'content': prompt}], 0, add_generation_prompt=True)[0]],
+                       device=device)
+    for _ in range(num_samples):
+        with amp():
+            new = model.generate(ids, None, torch.ones_like(ids, dtype=torch.bool), max_new_tokens, tok.eot_id,
+                                 generator=gen, **sampling)[0].tolist()
+        print(tok.decode(cut_at(new, tok.eot_id)))
+    sys.exit()
 if os.path.isdir(image):
     paths = sorted(os.path.join(image, f) for f in os.listdir(image) if f.lower().endswith(IMAGE_EXTS))
     if not paths:

@@ -20,7 +20,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
-from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
+from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, load_pretrained_llm, training_flops_per_sample
 from training import (DataOrder, VLMDataset, autocast_context, caption_scores, collate, load_checkpoint, lr_at,
                       make_optimizer, measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint,
                       setup_distributed, seed_everything, val_loss, vlm_config)
@@ -29,7 +29,8 @@ from training import (DataOrder, VLMDataset, autocast_context, caption_scores, c
 # I/O
 out_dir = 'out/shapes'
 data_dir = 'data/shapes'
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or an earlier run's out_dir: its model and
+                       # tokenizer, a fresh optimizer and schedule (align -> finetune)
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
 image_size = 64
@@ -40,6 +41,9 @@ vit_width = 128
 vit_heads = 4
 connector = 'pixel_shuffle'  # 'mlp' or 'pixel_shuffle'
 pixel_shuffle_factor = 2
+llm = 'scratch'  # 'scratch' (llm_* keys, built-in tokenizer), or a pretrained LLM with its tokenizer and chat
+                 # template: a Hugging Face model directory, a model id in the Hugging Face cache, or a .gguf file
+llm_mode = 'full'  # 'full' or 'frozen' (no gradients, no optimizer state; the connector still trains through it)
 llm_layers = 4
 llm_width = 256
 llm_heads = 4
@@ -95,17 +99,30 @@ if master:
 # data
 train_set = VLMDataset(data_dir, 'train', max_samples)
 val_set = VLMDataset(data_dir, 'val')
-ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
-tok = Tokenizer.from_state(ckpt['tokenizer']) if ckpt else Tokenizer.build(tokenizer, train_set.texts())
+if llm_mode not in ('full', 'frozen'):
+    raise SystemExit(f"config error: llm_mode={llm_mode!r}; use 'full' or 'frozen'")
+resume = init_from == 'resume'
+ckpt = None if init_from == 'scratch' else load_checkpoint(os.path.join(out_dir if resume else init_from, 'ckpt.pt'), device)
 
-# model
+# model (and tokenizer): from a checkpoint, from scratch, or around a pretrained LLM
 if ckpt:
-    model_cfg = VLMConfig.from_dict(ckpt['model_config'])
-else:
-    model_cfg = vlm_config(config, tok)
-model = VLM(model_cfg).to(device)
-if ckpt:
+    tok, model_cfg = Tokenizer.from_state(ckpt['tokenizer']), VLMConfig.from_dict(ckpt['model_config'])
+    model = VLM(model_cfg)
     model.load_state_dict(ckpt['model'])
+elif llm == 'scratch':
+    tok = Tokenizer.build(tokenizer, train_set.texts())
+    model_cfg = vlm_config(config, tok)
+    model = VLM(model_cfg)
+else:
+    tok, pretrained_llm = load_pretrained_llm(llm)
+    model_cfg = vlm_config(config, tok, pretrained_llm)
+    model = VLM(model_cfg, llm=pretrained_llm)
+model.to(device)
+if llm_mode == 'frozen':
+    # No weight gradients or optimizer state for the LLM. Its activations are still kept where the backward
+    # pass to the connector needs them (the image embeddings enter at its input), but not the inputs of its
+    # linear layers, which only weight gradients need.
+    model.llm.requires_grad_(False)
 raw_model = model
 n_img = model.num_image_tokens
 if master:
@@ -116,13 +133,13 @@ optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), d
 order = DataOrder(len(train_set), seed)
 iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
 evals_since_best = 0  # for early stopping
-if ckpt:
+if ckpt and resume:
     optimizer.load_state_dict(ckpt['optimizer'])
     iter_num, best_val, evals_since_best = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['evals_since_best']
     order = DataOrder(len(train_set), seed, **ckpt['data_order'])
     train_time = ckpt['train_time']
     torch.set_rng_state(ckpt['rng'].cpu())
-    ckpt = None
+ckpt = None
 if compile:
     model = torch.compile(model)
 if ddp:

@@ -3,6 +3,7 @@ Plumbing shared by the training scripts (and read by sample.py): device and dist
 the dataset reader and batching, the data order, the learning-rate schedule, the optimizer,
 checkpoints, and evaluation.
 """
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import IGNORE_INDEX, ConnectorConfig, DecoderConfig, Tokenizer, ViTConfig, VLMConfig
+from model import IGNORE_INDEX, ConnectorConfig, DecoderConfig, HFCausalLM, Tokenizer, ViTConfig, VLMConfig
 
 
 # -----------------------------------------------------------------------------
@@ -239,8 +240,13 @@ class DataOrder:
         return {'epoch': self.epoch, 'cursor': self.cursor}
 
 
-def vlm_config(c, tok):
-    """The model of a training config (train_vlm.py's keys), for this tokenizer."""
+def vlm_config(c, tok, llm=None):
+    """The model of a training config (train_vlm.py's keys), for this tokenizer; llm: a pretrained Decoder or
+    HFCausalLM (load_pretrained_llm), whose config replaces the llm_* keys."""
+    if llm is not None:
+        hf = llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None
+        return dataclasses.replace(vlm_config(c, tok), llm=llm.cfg, hf_llm=hf, connector=ConnectorConfig(
+            kind=c['connector'], in_dim=c['vit_width'], out_dim=llm.cfg.n_embd, scale_factor=c['pixel_shuffle_factor']))
     return VLMConfig(
         vision=ViTConfig(image_size=c['image_size'], patch_size=c['patch_size'], patch_overlap=c['patch_overlap'],
                          n_layer=c['vit_layers'], n_head=c['vit_heads'], n_embd=c['vit_width']),

