@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_config
 from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
 from training import (DataOrder, VLMDataset, autocast_context, collate, load_checkpoint, lr_at, make_optimizer,
-                      measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint, 
-                      setup_distributed, seed_everything, val_loss, vlm_config)
+                      measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy, raw_state_dict,
+                      save_checkpoint, setup_distributed, seed_everything, val_loss, vlm_config)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -31,6 +31,12 @@ data_dir = 'data/shapes'
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
+vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys), or a SigLIP, CLIP or DINOv2 checkpoint (also the vision
+                    # half of a CLIPModel/SiglipModel): a local directory or a model id in the Hugging Face cache.
+                    # Its preprocessor_config.json sets image size, resizing and mean/std.
+vision_layer = -1  # pretrained tower: which block's output feeds the connector (-1 last, -2 penultimate as in LLaVA)
+vision_cls = False  # pretrained tower: keep the class token among the features (CLIP, DINOv2; needs connector='mlp')
+vision_mode = 'full'  # 'full' trains the vision tower; 'frozen' keeps its weights and stores no activations for it
 image_size = 64
 patch_size = 8
 patch_overlap = 0  # each patch embedding also sees this many pixels of its neighbours
@@ -75,6 +81,8 @@ dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False
 seed = 1337
 config = apply_config(sys.argv[1:], globals())
+if vision_mode not in ('full', 'frozen'):
+    raise SystemExit(f"config error: --vision_mode={vision_mode!r}: use 'full' or 'frozen'")
 # -----------------------------------------------------------------------------
 
 ddp, rank, local_rank, world_size, device = setup_distributed(device)
@@ -99,9 +107,13 @@ if ckpt:
     model_cfg = VLMConfig.from_dict(ckpt['model_config'])
 else:
     model_cfg = vlm_config(config, tok)
+    vision_weights = pretrained_vision(config, model_cfg)  # None for 'scratch'
 model = VLM(model_cfg).to(device)
 if ckpt:
     model.load_state_dict(ckpt['model'])
+elif vision_weights:
+    model.vision_tower.load_state_dict(vision_weights)
+model.vision_tower.requires_grad_(vision_mode == 'full')
 raw_model = model
 n_img = model.num_image_tokens
 if master:

@@ -124,3 +124,52 @@ def test_loader_refuses_a_missing_tensor_and_a_missing_model(tmp_path):
     with pytest.raises(SystemExit, match=r"'google/siglip-base-patch16-224' is not a local directory and not in the "
                                          r"Hugging Face cache; download it once .*huggingface-cli download"):
         load_pretrained_vision('google/siglip-base-patch16-224')
+
+
+def test_frozen_tower_runs_without_autograd_and_the_connector_still_learns(tmp_path):
+    from test_model import TEXTS, images
+    from model import VLM, ConnectorConfig, DecoderConfig, Tokenizer, VLMConfig
+    save_tiny('siglip', tmp_path)
+    vit, state = load_pretrained_vision(str(tmp_path))
+    tok = Tokenizer.build('word', TEXTS)
+    model = VLM(VLMConfig(vit, ConnectorConfig(in_dim=32, out_dim=32),
+                          DecoderConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32,
+                                        intermediate_size=64), tok.image_token_id))
+    model.vision_tower.load_state_dict(state)
+    seen = []
+    model.vision_tower.register_forward_hook(lambda m, i, out: seen.append(out.requires_grad))
+    for frozen in (False, True):
+        model.vision_tower.requires_grad_(not frozen)
+        out = model.image_embeddings(images(2, size=40))  # 40x40 images, squashed to the tower's 32x32
+        out.sum().backward()
+        assert seen[-1] is not frozen  # frozen: no graph, so no activations kept, through the tower
+        assert model.connector.mlp.fc1.weight.grad is not None
+        model.zero_grad(set_to_none=True)
+
+
+def test_train_with_a_frozen_pretrained_siglip_tower(shapes_dir, tmp_path):
+    tower = tmp_path / 'siglip'
+    save_tiny('siglip', tower)
+    out = tmp_path / 'out'
+    run([sys.executable, 'train_vlm.py', f'--data_dir={shapes_dir}', f'--out_dir={out}', *TINY,
+         f'--vision={tower}', '--vision_mode=frozen', '--max_iters=30', '--eval_interval=30', '--batch_size=16',
+         '--learning_rate=3e-3', '--warmup_iters=2', '--log_interval=5', '--test_at_end=False'])
+    import json
+    losses = {m['iter']: m['loss'] for m in map(json.loads, open(out / 'metrics.jsonl')) if 'loss' in m}
+    assert losses[30] < 0.85 * losses[5], losses
+    ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
+    _, state = load_pretrained_vision(str(tower))
+    for k, v in state.items():  # 64x64 shapes images went through the 32x32 tower, whose weights did not move
+        assert torch.equal(ckpt['model'][f'vision_tower.{k}'], v), k
+    assert ckpt['model_config']['vision']['source'] == str(tower)
+    assert ckpt['config']['vision'] == str(tower) and ckpt['config']['vision_mode'] == 'frozen'
+
+
+def test_a_hub_id_not_on_the_machine_is_one_line_saying_how_to_get_it(shapes_dir, tmp_path):
+    p = run([sys.executable, 'train_vlm.py', f'--data_dir={shapes_dir}', f'--out_dir={tmp_path}', *TINY,
+             '--vision=openai/clip-vit-base-patch16', '--vision_layer=-2'],
+            env_extra={'HF_HOME': str(tmp_path / 'empty_cache'), 'HF_HUB_OFFLINE': '1'}, check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    msg = p.stderr.strip().splitlines()[-1]
+    assert msg.startswith("vision error: 'openai/clip-vit-base-patch16' is not a local directory and not in the "
+                          "Hugging Face cache") and 'huggingface-cli download openai/clip-vit-base-patch16' in msg, msg
