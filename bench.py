@@ -19,7 +19,7 @@ import torch
 from configurator import apply_config, script_defaults
 from model import VLM, IGNORE_INDEX, Tokenizer, training_flops_per_sample
 from training import (DataOrder, VLMDataset, autocast_context, collate, make_optimizer, measure_peak_flops,
-                      pick_device, pick_dtype, vlm_config)
+                      pick_device, pick_dtype, pretrained_vision, vlm_config)
 
 globals().update(script_defaults('train_vlm.py'))  # the same keys and defaults as training
 bench_iters = 20
@@ -35,7 +35,11 @@ amp = functools.partial(autocast_context, device_type, dtype)
 train_set = VLMDataset(data_dir, 'train', max_samples)
 tok = Tokenizer.build(tokenizer, train_set.texts())
 model_cfg = vlm_config(config, tok)
+vision_weights = pretrained_vision(config, model_cfg)
 model = VLM(model_cfg).to(device)
+if vision_weights:
+    model.vision_tower.load_state_dict(vision_weights)
+model.vision_tower.requires_grad_(vision_mode == 'full')
 n_img = model.num_image_tokens
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
 step_model = torch.compile(model) if compile else model

@@ -19,6 +19,8 @@ Every module of glimpse, in plain PyTorch:
                        Decoder             (B, T, C) -> logits over the vocabulary
 """
 import base64
+import functools
+import json
 import math
 import os
 import re
@@ -43,10 +45,29 @@ class ViTConfig:
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 4.0  # MLP width = round(mlp_ratio * n_embd)
     norm_eps: float = 1e-6
     image_mean: tuple = (0.5, 0.5, 0.5)  # images are normalised with what the tower was trained on
     image_std: tuple = (0.5, 0.5, 0.5)
+    # An image of another size is resized (bicubic, antialiased, as the Hugging Face processors do):
+    # resize_shortest=0 squashes it to image_size x image_size (SigLIP); resize_shortest=S resizes its
+    # shorter side to S, then crops the centre image_size x image_size (CLIP, DINOv2).
+    resize_shortest: int = 0
+    resample: str = 'bicubic'  # or 'bilinear'
+    # What pretrained towers need; the defaults are the scratch ViT.
+    act: str = 'gelu'  # 'gelu', 'gelu_tanh' (SigLIP) or 'quick_gelu' (CLIP)
+    patch_bias: bool = True  # CLIP's patch embedding has no bias
+    cls_token: bool = False  # a learned class token before the patches (CLIP, DINOv2)
+    n_registers: int = 0  # DINOv2 register tokens, after the class token, without positions (Darcet et al. 2023)
+    pre_norm: bool = False  # a LayerNorm on the embeddings before the first block (CLIP's pre_layrnorm)
+    post_norm: bool = True  # a LayerNorm on the output of the last block
+    layer_scale: float = 0.0  # DINOv2's per-channel scale on each residual branch, its initial value (0: none)
+    keep_cls: bool = False  # the class token is one of the output features (else patches only)
+    source: str = ''  # where pretrained weights came from ('' = trained from scratch here)
+
+
+ACTIVATIONS = {'gelu': F.gelu, 'gelu_tanh': lambda x: F.gelu(x, approximate='tanh'),
+               'quick_gelu': lambda x: x * torch.sigmoid(1.702 * x)}
 
 
 class ViTBlock(nn.Module):
@@ -54,20 +75,26 @@ class ViTBlock(nn.Module):
         super().__init__()
         C = cfg.n_embd
         self.n_head = cfg.n_head
+        self.act = ACTIVATIONS[cfg.act]
         self.ln1 = nn.LayerNorm(C, eps=cfg.norm_eps)
         self.qkv = nn.Linear(C, 3 * C)
         self.proj = nn.Linear(C, C)
         self.ln2 = nn.LayerNorm(C, eps=cfg.norm_eps)
-        hidden = int(C * cfg.mlp_ratio)
+        hidden = round(C * cfg.mlp_ratio)
         self.fc1 = nn.Linear(C, hidden)
         self.fc2 = nn.Linear(hidden, C)
+        if cfg.layer_scale:
+            self.ls1 = nn.Parameter(torch.full((C,), cfg.layer_scale))
+            self.ls2 = nn.Parameter(torch.full((C,), cfg.layer_scale))
 
     def forward(self, x):  # (B, N, C)
         B, N, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, hd), every patch sees every patch
-        x = x + self.proj(y.transpose(1, 2).reshape(B, N, C))
-        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        y = self.proj(y.transpose(1, 2).reshape(B, N, C))
+        x = x + (y * self.ls1 if hasattr(self, 'ls1') else y)
+        y = self.fc2(self.act(self.fc1(self.ln2(x))))
+        return x + (y * self.ls2 if hasattr(self, 'ls2') else y)
 
 
 def sincos_2d(grid, dim):
@@ -81,24 +108,70 @@ def sincos_2d(grid, dim):
 
 
 class VisionTower(nn.Module):
+    """images (B, H, W, 3) uint8 -> features (B, num_tokens, n_embd): resize, normalise, patchify,
+    [class token], positions, [registers], [pre-norm], blocks, [post-norm]; registers and (unless
+    keep_cls) the class token are dropped from the output."""
+
     def __init__(self, cfg: ViTConfig):
         super().__init__()
         self.cfg = cfg
         self.num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.num_tokens = self.num_patches + int(cfg.cls_token and cfg.keep_cls)  # what the connector gets
         k = cfg.patch_size + 2 * cfg.patch_overlap  # overlapping patches: an object cut by a patch border
-        self.patch_embed = nn.Conv2d(3, cfg.n_embd, k, stride=cfg.patch_size, padding=cfg.patch_overlap)
-        self.pos_embed = nn.Parameter(sincos_2d(int(math.isqrt(self.num_patches)), cfg.n_embd)[None])
+        self.patch_embed = nn.Conv2d(3, cfg.n_embd, k, stride=cfg.patch_size, padding=cfg.patch_overlap,
+                                     bias=cfg.patch_bias)
+        pos = sincos_2d(int(math.isqrt(self.num_patches)), cfg.n_embd)
+        if cfg.cls_token:
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.n_embd))
+            pos = torch.cat([torch.zeros(1, cfg.n_embd), pos])  # the class token has a position too
+        self.pos_embed = nn.Parameter(pos[None])
+        if cfg.n_registers:
+            self.registers = nn.Parameter(torch.zeros(1, cfg.n_registers, cfg.n_embd))
+        if cfg.pre_norm:
+            self.ln_pre = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layer))
-        self.ln_post = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+        if cfg.post_norm:
+            self.ln_post = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
         self.register_buffer('mean', torch.tensor(cfg.image_mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer('std', torch.tensor(cfg.image_std).view(1, 3, 1, 1) * 255, persistent=False)
 
-    def forward(self, images):  # (B, H, W, 3) uint8
-        x = (images.permute(0, 3, 1, 2).float() - self.mean) / self.std  # (B, 3, H, W)
-        x = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # (B, N, C)
+    def pixels(self, images):  # (B, H, W, 3) uint8 -> (B, 3, S, S) normalised, S = image_size
+        x = images.permute(0, 3, 1, 2)  # (B, 3, H, W)
+        H, W, S = x.shape[2], x.shape[3], self.cfg.image_size
+        size = (S, S)
+        if self.cfg.resize_shortest:  # shorter side to resize_shortest, the longer one rounded down
+            r = self.cfg.resize_shortest
+            size = (r, int(r * W / H)) if H <= W else (int(r * H / W), r)
+        if (H, W) != size:
+            # as the Hugging Face processors (torchvision) resize: with the 8-bit kernel on the CPU, else in
+            # float, clamped and rounded to 8 bits
+            resize = functools.partial(F.interpolate, size=size, mode=self.cfg.resample, antialias=True)
+            x = resize(x) if x.device.type == 'cpu' else resize(x.float()).clamp(0, 255).round()
+        x = x.float()
+        if x.shape[2:] != (S, S):
+            top, left = int((x.shape[2] - S) / 2), int((x.shape[3] - S) / 2)
+            x = x[:, :, top:top + S, left:left + S]
+        return (x - self.mean) / self.std
+
+    def features(self, x):  # (B, 3, S, S) normalised -> (B, num_tokens, C)
+        x = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, C)
+        n_cls = int(self.cfg.cls_token)
+        if n_cls:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        x = x + self.pos_embed
+        if self.cfg.n_registers:
+            x = torch.cat([x[:, :n_cls], self.registers.expand(x.shape[0], -1, -1), x[:, n_cls:]], dim=1)
+        if self.cfg.pre_norm:
+            x = self.ln_pre(x)
         for block in self.blocks:
             x = block(x)
-        return self.ln_post(x)
+        if self.cfg.post_norm:
+            x = self.ln_post(x)
+        patches = x[:, n_cls + self.cfg.n_registers:]  # (B, num_patches, C)
+        return torch.cat([x[:, :1], patches], dim=1) if n_cls and self.cfg.keep_cls else patches
+
+    def forward(self, images):  # (B, H, W, 3) uint8
+        return self.features(self.pixels(images))
 
 
 # -----------------------------------------------------------------------------
@@ -134,6 +207,9 @@ class PixelShuffleProjector(nn.Module):
         B, N, C = x.shape
         h = int(math.isqrt(N))
         s = self.s
+        if h * h != N or h % s:
+            raise ValueError(f"pixel_shuffle needs a square grid of patches divisible by {s}, got {N} tokens "
+                             f"(a kept class token? use connector='mlp')")
         x = x.view(B, h // s, s, h // s, s, C).permute(0, 1, 3, 2, 4, 5)  # (B, h/s, w/s, s, s, C)
         return self.mlp(x.reshape(B, N // s ** 2, s * s * C))
 
@@ -346,7 +422,7 @@ class VLM(nn.Module):
             elif name.endswith(('proj.weight', 'fc2.weight')) and name.startswith('vision_tower'):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.vision.n_layer))
         with torch.no_grad():
-            self.num_image_tokens = self.connector(torch.zeros(1, self.vision_tower.num_patches,
+            self.num_image_tokens = self.connector(torch.zeros(1, self.vision_tower.num_tokens,
                                                                cfg.vision.n_embd)).shape[1]
 
     def param_counts(self):
@@ -355,7 +431,11 @@ class VLM(nn.Module):
                 'llm': count(self.llm), 'total': count(self)}
 
     def image_embeddings(self, images):  # (B, H, W, 3) uint8 -> (B, N', C)
-        return self.connector(self.vision_tower(images))
+        # a frozen tower runs without autograd: no activations are kept for a backward that stops at the connector
+        trains = any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
+            features = self.vision_tower(images)
+        return self.connector(features)
 
     def embed(self, input_ids, images=None, image_embeds=None):
         """Token embeddings with the image embeddings written over the <image> placeholders."""
@@ -586,7 +666,6 @@ def read_weights(directory):
     from safetensors.torch import load_file
     index = os.path.join(directory, 'model.safetensors.index.json')
     if os.path.isfile(index):
-        import json
         with open(index) as f:
             files = sorted(set(json.load(f)['weight_map'].values()))
     elif os.path.isfile(os.path.join(directory, 'model.safetensors')):
@@ -839,3 +918,162 @@ class HFTokenizer:
                 with open(os.path.join(d, name), 'wb') as f:
                     f.write(base64.b64decode(data))
             return cls(AutoTokenizer.from_pretrained(d))
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights: a Hugging Face checkpoint's tensors renamed into the native modules, every
+# tensor accounted for and every shape checked
+
+VISION_FAMILIES = {'siglip_vision_model': 'siglip', 'clip_vision_model': 'clip', 'dinov2': 'dinov2',
+                   'dinov2_with_registers': 'dinov2'}
+HF_ACTIVATIONS = {'gelu': 'gelu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh',
+                  'quick_gelu': 'quick_gelu'}
+
+
+def image_preprocessing(model_dir):
+    """The ViTConfig fields of the checkpoint's preprocessor_config.json: size, resize mode, mean/std."""
+    path = os.path.join(model_dir, 'preprocessor_config.json')
+    if not os.path.exists(path):
+        raise SystemExit(f'vision error: {path} not found; the tower needs it for image size, resizing and '
+                         f'mean/std (save the model\'s image processor there with save_pretrained)')
+    with open(path) as f:
+        p = json.load(f)
+    side = lambda v: v if isinstance(v, int) else v.get('height', v.get('shortest_edge'))
+    if p.get('do_rescale', True) and abs(p.get('rescale_factor', 1 / 255) - 1 / 255) > 1e-9:
+        raise SystemExit(f"vision error: {path}: rescale_factor {p['rescale_factor']} (glimpse expects 1/255)")
+    resample = {2: 'bilinear', 3: 'bicubic'}.get(p.get('resample', 3))
+    if resample is None:
+        raise SystemExit(f"vision error: {path}: resample={p['resample']}; glimpse resizes bilinear (2) or bicubic (3)")
+    size, crop = p.get('size', 224), p.get('crop_size')
+    out = dict(resample=resample)
+    if p.get('do_center_crop') and crop is not None:  # shorter side to size, then the centre crop (CLIP, DINOv2)
+        out.update(image_size=side(crop), resize_shortest=side(size))
+    elif isinstance(size, dict) and 'shortest_edge' in size:
+        raise SystemExit(f'vision error: {path}: shortest_edge resize without a center crop gives images of '
+                         f'varying shape; glimpse needs a fixed size')
+    else:  # both sides to size (SigLIP)
+        out.update(image_size=side(size))
+    if p.get('do_normalize', True):
+        out.update(image_mean=tuple(p['image_mean']), image_std=tuple(p['image_std']))
+    else:
+        out.update(image_mean=(0.0, 0.0, 0.0), image_std=(1 / 255,) * 3)  # pixels as 0..1 * 255 / 255
+    return out
+
+
+def interpolate_positions(pos, grid, antialias):
+    """(1, g*g, C) position table -> (1, grid*grid, C), bicubic on the 2D grid, in fp32 as DINOv2 does."""
+    g, C = int(math.isqrt(pos.shape[1])), pos.shape[2]
+    x = pos.reshape(1, g, g, C).permute(0, 3, 1, 2).float()
+    x = F.interpolate(x, size=(grid, grid), mode='bicubic', align_corners=False, antialias=antialias)
+    return x.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid * grid, C)
+
+
+def load_pretrained_vision(source, layer=-1, keep_cls=False):
+    """A SigLIP, CLIP or DINOv2 vision tower (or the vision half of a CLIPModel / SiglipModel) from a local
+    directory or a model id in the Hugging Face cache, as (ViTConfig, state_dict of VisionTower).
+    layer: whose output feeds the connector, as an index into Hugging Face's hidden_states (-1: the
+    last block, with the final LayerNorm SigLIP and DINOv2 apply to last_hidden_state; -2: the
+    penultimate block's raw output, as LLaVA takes from CLIP). The blocks after it are not built."""
+    model_dir, gguf = resolve_pretrained(source)
+    if gguf:
+        raise SystemExit(f'vision error: {source} is a GGUF file; vision= takes a SigLIP, CLIP or DINOv2 directory')
+    from transformers import AutoConfig
+    hf = AutoConfig.from_pretrained(model_dir)
+    hf = getattr(hf, 'vision_config', hf)  # CLIPModel / SiglipModel: the vision half
+    family = VISION_FAMILIES.get(hf.model_type)
+    if family is None:
+        raise SystemExit(f"vision error: {model_dir}/config.json is a '{hf.model_type}' model; vision= takes "
+                         f"SigLIP, CLIP or DINOv2 checkpoints ({', '.join(VISION_FAMILIES)})")
+    if family == 'dinov2' and getattr(hf, 'use_swiglu_ffn', False):
+        raise SystemExit(f'vision error: {model_dir}: DINOv2 with a SwiGLU MLP (giant) is not supported')
+    if hf.hidden_act not in HF_ACTIVATIONS:
+        raise SystemExit(f"vision error: {model_dir}: activation '{hf.hidden_act}' is not supported")
+    L = hf.num_hidden_layers
+    n_keep = layer if layer > 0 else L + 1 + layer
+    if not 1 <= n_keep <= L:
+        raise SystemExit(f'vision error: vision_layer={layer} but {source} has {L} blocks (use -{L}..-1 or 1..{L})')
+    last = n_keep == L
+    C = hf.hidden_size
+    mlp = hf.intermediate_size if family != 'dinov2' else round(C * hf.mlp_ratio)
+    cls = family != 'siglip'
+    cfg = ViTConfig(patch_size=hf.patch_size, n_layer=n_keep, n_head=hf.num_attention_heads, n_embd=C,
+                    mlp_ratio=mlp / C, norm_eps=hf.layer_norm_eps, act=HF_ACTIVATIONS[hf.hidden_act],
+                    patch_bias=family != 'clip', cls_token=cls, n_registers=getattr(hf, 'num_register_tokens', 0),
+                    pre_norm=family == 'clip', post_norm=last and family != 'clip',
+                    layer_scale=1.0 if family == 'dinov2' else 0.0, keep_cls=keep_cls and cls,
+                    source=os.path.abspath(source) if model_dir == source else f'{source} ({model_dir})', **image_preprocessing(model_dir))
+    if keep_cls and not cls:
+        raise SystemExit(f'vision error: vision_cls=True but {source} ({family}) has no class token')
+
+    tensors = read_weights(model_dir)
+    prefix = next((p for p in ('vision_model.', 'dinov2.', 'dinov2_with_registers.', '')
+                   if f'{p}embeddings.patch_embedding.weight' in tensors
+                   or f'{p}embeddings.patch_embeddings.projection.weight' in tensors), None)
+    if prefix is None:
+        raise SystemExit(f'vision error: no patch embedding among the tensors in {model_dir}; not a {family} checkpoint?')
+    # native name -> checkpoint name(s); q, k, v are concatenated into one projection
+    if family == 'dinov2':
+        m = {'patch_embed.weight': 'embeddings.patch_embeddings.projection.weight',
+             'patch_embed.bias': 'embeddings.patch_embeddings.projection.bias',
+             'cls_token': 'embeddings.cls_token', 'pos_embed': 'embeddings.position_embeddings'}
+        if cfg.n_registers:
+            m['registers'] = 'embeddings.register_tokens'
+        if last:
+            m.update({'ln_post.weight': 'layernorm.weight', 'ln_post.bias': 'layernorm.bias'})
+        block = {'ln1': 'norm1', 'ln2': 'norm2', 'proj': 'attention.output.dense', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2',
+                 'qkv': ['attention.attention.query', 'attention.attention.key', 'attention.attention.value']}
+        layers, unused = 'encoder.layer', ('embeddings.mask_token',)  # mask_token: for masked-image pretraining
+    else:
+        m = {'patch_embed.weight': 'embeddings.patch_embedding.weight',
+             'pos_embed': 'embeddings.position_embedding.weight'}
+        if family == 'siglip':
+            m['patch_embed.bias'] = 'embeddings.patch_embedding.bias'
+            if last:
+                m.update({'ln_post.weight': 'post_layernorm.weight', 'ln_post.bias': 'post_layernorm.bias'})
+        else:
+            m.update({'cls_token': 'embeddings.class_embedding', 'ln_pre.weight': 'pre_layrnorm.weight',
+                      'ln_pre.bias': 'pre_layrnorm.bias'})
+        block = {'ln1': 'layer_norm1', 'ln2': 'layer_norm2', 'proj': 'self_attn.out_proj', 'fc1': 'mlp.fc1',
+                 'fc2': 'mlp.fc2', 'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}
+        # SigLIP's attention-pooling head and CLIP's post_layernorm make the pooled output only
+        layers, unused = 'encoder.layers', ('head.', 'post_layernorm.')
+    for i in range(n_keep):
+        for nat, src in block.items():
+            for w in ('weight', 'bias'):
+                m[f'blocks.{i}.{nat}.{w}'] = [f'{layers}.{i}.{s}.{w}' for s in src] if isinstance(src, list) \
+                    else f'{layers}.{i}.{src}.{w}'
+        if family == 'dinov2':
+            m[f'blocks.{i}.ls1'] = f'{layers}.{i}.layer_scale1.lambda1'
+            m[f'blocks.{i}.ls2'] = f'{layers}.{i}.layer_scale2.lambda1'
+
+    with torch.device('meta'):
+        expected = VisionTower(cfg).state_dict()
+    state, used = {}, set()
+    for nat, src in m.items():
+        names = [prefix + s for s in (src if isinstance(src, list) else [src])]
+        for n in names:
+            if n not in tensors:
+                raise SystemExit(f'vision error: tensor {n} (for {nat}) not found in {model_dir}')
+        used.update(names)
+        t = torch.cat([tensors[n] for n in names]) if len(names) > 1 else tensors[names[0]]
+        if nat == 'cls_token':
+            t = t.reshape(1, 1, C)
+        elif nat == 'pos_embed':
+            t = t.reshape(1, -1, C)
+            grid = cfg.image_size // cfg.patch_size
+            if t.shape[1] != grid * grid + cls:  # DINOv2: trained at 518 px, used at 224
+                head = t[:, :int(cls)]
+                t = torch.cat([head, interpolate_positions(t[:, int(cls):], grid,
+                                                           hf.model_type == 'dinov2_with_registers')], dim=1)
+        if tuple(t.shape) != tuple(expected[nat].shape):
+            raise SystemExit(f'vision error: {names[0]} in {model_dir} has shape {tuple(t.shape)}, the native '
+                             f'{nat} needs {tuple(expected[nat].shape)}')
+        state[nat] = t.float().contiguous()
+    if set(state) != set(expected):
+        raise SystemExit(f'vision error: no checkpoint tensor for {sorted(set(expected) - set(state))}')
+    beyond = tuple(f'{prefix}{layers}.{i}.' for i in range(n_keep, L))  # blocks after the selected layer
+    left = [k for k in tensors if k.startswith(prefix) and k not in used and not k.startswith(beyond)
+            and not k[len(prefix):].startswith(unused + (('layernorm.',) if family == 'dinov2' and not last else ()))]
+    if left:
+        raise SystemExit(f'vision error: {len(left)} tensors of {model_dir} not mapped, e.g. {left[0]}')
+    return cfg, state

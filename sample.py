@@ -41,10 +41,12 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 
 
 def load_image(path, size):
-    """Any image file -> (size, size, 3) uint8 RGB, center-cropped to a square."""
+    """Any image file -> (size, size, 3) uint8 RGB, center-cropped to a square; size None: as it is."""
     try:
         with Image.open(path) as im:
             im = im.convert('RGB')
+            if size is None:
+                return np.asarray(im, dtype=np.uint8)
             w, h = im.size
             s = min(w, h)
             im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -62,7 +64,7 @@ model = VLM(VLMConfig.from_dict(ckpt['model_config']))
 model.load_state_dict(ckpt['model'])
 model.to(device).eval()
 tok = Tokenizer.from_state(ckpt['tokenizer'])
-size = model.cfg.vision.image_size
+size = None if model.cfg.vision.source else model.cfg.vision.image_size  # a pretrained tower resizes as its processor
 sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
 gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
 

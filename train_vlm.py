@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_config
 from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, load_pretrained_llm, training_flops_per_sample
 from training import (DataOrder, VLMDataset, autocast_context, caption_scores, collate, load_checkpoint, lr_at,
-                      make_optimizer, measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint,
-                      setup_distributed, seed_everything, val_loss, vlm_config)
+                      make_optimizer, measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy, raw_state_dict,
+                      save_checkpoint, setup_distributed, seed_everything, val_loss, vlm_config)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -33,6 +33,12 @@ init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or an earli
                        # tokenizer, a fresh optimizer and schedule (align -> finetune)
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
+vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys), or a SigLIP, CLIP or DINOv2 checkpoint (also the vision
+                    # half of a CLIPModel/SiglipModel): a local directory or a model id in the Hugging Face cache.
+                    # Its preprocessor_config.json sets image size, resizing and mean/std.
+vision_layer = -1  # pretrained tower: which block's output feeds the connector (-1 last, -2 penultimate as in LLaVA)
+vision_cls = False  # pretrained tower: keep the class token among the features (CLIP, DINOv2; needs connector='mlp')
+vision_mode = 'full'  # 'full' trains the vision tower; 'frozen' keeps its weights and stores no activations for it
 image_size = 64
 patch_size = 8
 patch_overlap = 0  # each patch embedding also sees this many pixels of its neighbours
@@ -83,6 +89,8 @@ dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False
 seed = 1337
 config = apply_config(sys.argv[1:], globals())
+if vision_mode not in ('full', 'frozen'):
+    raise SystemExit(f"config error: --vision_mode={vision_mode!r}: use 'full' or 'frozen'")
 # -----------------------------------------------------------------------------
 
 ddp, rank, local_rank, world_size, device = setup_distributed(device)
@@ -104,20 +112,21 @@ if llm_mode not in ('full', 'frozen'):
 resume = init_from == 'resume'
 ckpt = None if init_from == 'scratch' else load_checkpoint(os.path.join(out_dir if resume else init_from, 'ckpt.pt'), device)
 
-# model (and tokenizer): from a checkpoint, from scratch, or around a pretrained LLM
+# model (and tokenizer): from a checkpoint, from scratch, or around a pretrained LLM and/or vision tower
 if ckpt:
     tok, model_cfg = Tokenizer.from_state(ckpt['tokenizer']), VLMConfig.from_dict(ckpt['model_config'])
     model = VLM(model_cfg)
     model.load_state_dict(ckpt['model'])
-elif llm == 'scratch':
-    tok = Tokenizer.build(tokenizer, train_set.texts())
-    model_cfg = vlm_config(config, tok)
-    model = VLM(model_cfg)
 else:
-    tok, pretrained_llm = load_pretrained_llm(llm)
+    tok, pretrained_llm = (Tokenizer.build(tokenizer, train_set.texts()), None) if llm == 'scratch' else \
+        load_pretrained_llm(llm)
     model_cfg = vlm_config(config, tok, pretrained_llm)
+    vision_weights = pretrained_vision(config, model_cfg)  # None for 'scratch'
     model = VLM(model_cfg, llm=pretrained_llm)
+    if vision_weights:
+        model.vision_tower.load_state_dict(vision_weights)
 model.to(device)
+model.vision_tower.requires_grad_(vision_mode == 'full')
 if llm_mode == 'frozen':
     # No weight gradients or optimizer state for the LLM. Its activations are still kept where the backward
     # pass to the connector needs them (the image embeddings enter at its input), but not the inputs of its

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import IGNORE_INDEX, ConnectorConfig, DecoderConfig, HFCausalLM, Tokenizer, ViTConfig, VLMConfig
+from model import (IGNORE_INDEX, ConnectorConfig, DecoderConfig, HFCausalLM, Tokenizer, ViTConfig, VLMConfig,
+                   load_pretrained_vision)
 
 
 # -----------------------------------------------------------------------------
@@ -256,6 +257,23 @@ def vlm_config(c, tok, llm=None):
                           n_kv_head=c['llm_kv_heads'], n_embd=c['llm_width'], intermediate_size=c['llm_mlp_width'],
                           tie_embeddings=c['tie_embeddings']),
         image_token_id=tok.image_token_id)
+
+
+def pretrained_vision(c, model_cfg):
+    """A pretrained vision tower (c['vision'] other than 'scratch'): its config replaces model_cfg.vision
+    (the connector's input width follows) and its weights are returned, to load once the VLM is built.
+    Returns None for 'scratch'."""
+    if c['vision'] == 'scratch':
+        if c['vision_layer'] != -1 or c['vision_cls']:
+            raise SystemExit("config error: vision_layer and vision_cls choose features of a pretrained tower; "
+                             "with vision='scratch' leave them at -1 and False (the vit_* keys shape the ViT)")
+        return None
+    model_cfg.vision, weights = load_pretrained_vision(c['vision'], c['vision_layer'], c['vision_cls'])
+    model_cfg.connector.in_dim = model_cfg.vision.n_embd
+    if model_cfg.vision.keep_cls and model_cfg.connector.kind == 'pixel_shuffle':
+        raise SystemExit("config error: vision_cls=True adds a token to the patch grid, which pixel_shuffle cannot "
+                         "fold; use connector='mlp'")
+    return weights
 
 
 # -----------------------------------------------------------------------------
