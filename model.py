@@ -1,7 +1,8 @@
 """
 Every module of glimpse, in plain PyTorch:
 
-    VisionTower   a ViT: patch embedding, learned positions, pre-norm blocks
+    VisionTower   a ViT: patch embedding, learned positions, pre-norm blocks; also holds SigLIP, CLIP and
+                  DINOv2 checkpoints (load_pretrained_vision, in the pretrained-weights section at the end)
     Decoder       a Llama-style causal LM: RMSNorm, RoPE, grouped-query attention, SwiGLU
     MLPProjector / PixelShuffleProjector   connectors from image features to LLM embeddings
     VLM           image embeddings spliced in place of <image> placeholders; loss on answers only;
@@ -551,8 +552,8 @@ def training_flops_per_sample(cfg: VLMConfig, n_text_tokens, num_image_tokens):
     """Matmul FLOPs of one training sample, forward and backward (6 per parameter per token, plus
     attention scores), after the PaLM appendix. Embedding lookups cost nothing."""
     v, d = cfg.vision, cfg.llm
-    patches = (v.image_size // v.patch_size) ** 2
-    vit_params = v.n_layer * (4 * v.n_embd ** 2 + 2 * v.n_embd * int(v.n_embd * v.mlp_ratio))
+    patches = (v.image_size // v.patch_size) ** 2 + int(v.cls_token) + v.n_registers  # tokens in the ViT
+    vit_params = v.n_layer * (4 * v.n_embd ** 2 + 2 * v.n_embd * round(v.n_embd * v.mlp_ratio))
     vit = 6 * vit_params * patches + 12 * v.n_layer * v.n_embd * patches ** 2
     hd = d.n_embd // d.n_head
     llm_params = d.n_layer * (d.n_embd * hd * (2 * d.n_head + 2 * d.n_kv_head) + 3 * d.n_embd * d.intermediate_size)

@@ -1,7 +1,7 @@
 """SigLIP, CLIP and DINOv2 vision checkpoints in the native ViT: tiny random models built from
 transformers configs and saved with save_pretrained, compared with transformers' own forward pass
 and image processors."""
-import os
+import json
 import sys
 
 import numpy as np
@@ -88,9 +88,15 @@ def test_native_tower_equals_transformers(kind, layer, keep_cls, tmp_path):
     assert tower.num_tokens == ours.shape[1]
 
 
-@pytest.mark.parametrize('kind', ['siglip', 'clip', 'dinov2'])
+@pytest.mark.parametrize('kind', ['siglip', 'clip', 'clip_int_sizes', 'dinov2'])
 def test_preprocessing_equals_the_image_processor(kind, tmp_path):
-    _, proc = save_tiny(kind, tmp_path)
+    _, proc = save_tiny(kind.replace('_int_sizes', ''), tmp_path)
+    if kind == 'clip_int_sizes':  # the older format of openai/clip-vit-base-patch16: "size": 224, "crop_size": 224
+        path = tmp_path / 'preprocessor_config.json'
+        p = json.loads(path.read_text())
+        p.update(size=40, crop_size=32)
+        path.write_text(json.dumps(p))
+        proc = transformers.AutoImageProcessor.from_pretrained(tmp_path)
     cfg, state = load_pretrained_vision(str(tmp_path))
     tower = VisionTower(cfg)
     for h, w in ((45, 60), (70, 33), (32, 32)):  # landscape, portrait (center crop off-axis), no resize
@@ -154,7 +160,6 @@ def test_train_with_a_frozen_pretrained_siglip_tower(shapes_dir, tmp_path):
     run([sys.executable, 'train_vlm.py', f'--data_dir={shapes_dir}', f'--out_dir={out}', *TINY,
          f'--vision={tower}', '--vision_mode=frozen', '--max_iters=30', '--eval_interval=30', '--batch_size=16',
          '--learning_rate=3e-3', '--warmup_iters=2', '--log_interval=5', '--test_at_end=False'])
-    import json
     losses = {m['iter']: m['loss'] for m in map(json.loads, open(out / 'metrics.jsonl')) if 'loss' in m}
     assert losses[30] < 0.85 * losses[5], losses
     ckpt = torch.load(out / 'ckpt.pt', weights_only=True)
