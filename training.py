@@ -3,6 +3,7 @@ Plumbing shared by the training scripts (and read by sample.py): device and dist
 the dataset reader and batching, the data order, the learning-rate schedule, the optimizer,
 checkpoints, and evaluation.
 """
+import io
 import json
 import math
 import os
@@ -96,17 +97,47 @@ def measure_peak_flops(device, dtype, n=2048, reps=5):
 # -----------------------------------------------------------------------------
 # data: the on-disk format of prepare_data.py
 
-class VLMDataset:
-    """One split of a prepared dataset: records from <split>.jsonl, pixels memory-mapped from images.npy."""
+class ShardImages:
+    """Rows of a --shards dataset: shards/index.npy is int64 (N, 3) = (shard, offset, length) of each
+    encoded image in shards/shard-*.bin. Indexing reads and decodes one image -> uint8 (H, W, 3);
+    os.pread keeps it safe in forked DataLoader workers (no shared file position)."""
 
-    def __init__(self, data_dir, split, max_samples=0):
-        for name in ('meta.json', 'images.npy', f'{split}.jsonl'):
+    def __init__(self, data_dir):
+        self.dir = os.path.join(data_dir, 'shards')
+        self.index = np.load(os.path.join(self.dir, 'index.npy'))
+        self.fds = {}
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        shard, offset, length = (int(v) for v in self.index[i])
+        if shard not in self.fds:
+            self.fds[shard] = os.open(os.path.join(self.dir, f'shard-{shard:05d}.bin'), os.O_RDONLY)
+        data = os.pread(self.fds[shard], length, offset)
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert('RGB'))
+
+    def __getstate__(self):  # open file descriptors do not travel to spawned workers
+        return {**self.__dict__, 'fds': {}}
+
+
+class VLMDataset:
+    """One split of a prepared dataset: records from <split>.jsonl, pixels memory-mapped from
+    images.npy (or decoded from shards/). A training record with several captions and no turns
+    becomes one sample per caption (expand_captions), so every caption is trained on."""
+
+    def __init__(self, data_dir, split, max_samples=0, expand_captions=None):
+        sharded = os.path.exists(os.path.join(data_dir, 'shards', 'index.npy'))
+        for name in ('meta.json', 'shards/index.npy' if sharded else 'images.npy', f'{split}.jsonl'):
             if not os.path.exists(os.path.join(data_dir, name)):
                 raise SystemExit(f"data error: {os.path.join(data_dir, name)} not found; "
-                                 f"make it with: python prepare_data.py shapes --out_dir={data_dir}")
+                                 f"make it with: python prepare_data.py <source> --out_dir={data_dir}")
         with open(os.path.join(data_dir, 'meta.json')) as f:
             self.meta = json.load(f)
-        self.images = np.load(os.path.join(data_dir, 'images.npy'), mmap_mode='r')
+        self.images = ShardImages(data_dir) if sharded else np.load(os.path.join(data_dir, 'images.npy'), mmap_mode='r')
+        expand = split == 'train' if expand_captions is None else expand_captions
         self.records = []
         path = os.path.join(data_dir, f'{split}.jsonl')
         with open(path) as f:
@@ -114,9 +145,15 @@ class VLMDataset:
                 if max_samples and len(self.records) >= max_samples:
                     break
                 try:
-                    self.records.append(json.loads(line))
+                    r = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SystemExit(f'data error: {path} line {lineno} is not valid JSON ({e.msg})')
+                if expand and not r.get('turns') and len(r.get('captions', [])) > 1:
+                    self.records += [{**r, 'captions': [c]} for c in r['captions']]
+                else:
+                    self.records.append(r)
+        if max_samples:
+            self.records = self.records[:max_samples]
 
     def __len__(self):
         return len(self.records)
@@ -159,39 +196,40 @@ def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
 
 
 def encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns=False):
-    """(ids, targets, positions, segment_ids, turns dropped) for one conversation, or None if not even
-    the first answer fits. Too long: whole trailing turns are dropped, never part of the image or of
-    an answer. targets[t] is the next token where that token is supervised, else IGNORE_INDEX."""
-    dropped = 0
+    """(ids, targets, positions, segment_ids, truncated) for one conversation. Too long: whole trailing
+    turn pairs are dropped; if the first pair alone is still too long, its tail is cut (the image is
+    always kept whole; max_seq_len below the image tokens is a config error). targets[t] is the next
+    token where that token is supervised, else IGNORE_INDEX. truncated is 0 when nothing was cut."""
+    truncated = 0
     while True:
         ids, sup, pos, seg = pack_turns(tokenizer, turns, num_image_tokens, isolate_turns)
         if len(ids) <= max_len or len(turns) <= 2:
             break
-        turns, dropped = turns[:-2], dropped + 2
-    if len(ids) > max_len or not any(sup):
-        return None
+        turns, truncated = turns[:-2], truncated + 2
+    if len(ids) > max_len:
+        image_end = max((i for i, t in enumerate(ids) if t == tokenizer.image_token_id), default=-1) + 1
+        if image_end >= max_len:
+            raise SystemExit(f'config error: max_seq_len={max_len} leaves no room after the {num_image_tokens} '
+                             f'image tokens; raise max_seq_len')
+        ids, sup, pos, seg = ids[:max_len], sup[:max_len], pos[:max_len], seg[:max_len]
+        truncated += 1
     targets = [t if s and sg == sg_prev else IGNORE_INDEX
                for t, s, sg, sg_prev in zip(ids[1:], sup[1:], seg[1:], seg[:-1])] + [IGNORE_INDEX]
-    return ids, targets, pos, seg, dropped
+    return ids, targets, pos, seg, truncated
 
 
 def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, isolate_turns=False):
     """Right-padded batch: input_ids, targets (IGNORE_INDEX at padding), attention_mask, images,
-    and positions and segment_ids when turns are isolated."""
+    and positions and segment_ids when turns are isolated. stats['truncated'] counts the samples
+    cut to fit max_len (none is dropped)."""
     seqs, rows = [], []
     for i in indices:
         r = dataset.records[i]
         enc = encode_sample(tokenizer, conversation(r), num_image_tokens, max_len, isolate_turns)
-        if enc is None:
-            if stats is not None:
-                stats['skipped_too_long'] += 1
-            continue
         if stats is not None and enc[4]:
             stats['truncated'] += 1
         seqs.append(enc)
         rows.append(r['image'])
-    if not seqs:
-        raise SystemExit(f'data error: no sample of this batch fits in max_seq_len={max_len}; raise it')
     T = max(len(s[0]) for s in seqs)
     batch = dict(input_ids=torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long),
                  targets=torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long),
