@@ -4,12 +4,13 @@ the dataset reader and batching, the data order, the learning-rate schedule, the
 checkpoints, and evaluation.
 """
 import io
+import itertools
 import json
 import math
 import os
 import random
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
@@ -136,7 +137,8 @@ class VLMDataset:
                                  f"make it with: python prepare_data.py <source> --out_dir={data_dir}")
         with open(os.path.join(data_dir, 'meta.json')) as f:
             self.meta = json.load(f)
-        self.images = ShardImages(data_dir) if sharded else np.load(os.path.join(data_dir, 'images.npy'), mmap_mode='r')
+        self.data_dir = data_dir
+        self.images = self._open_images()
         expand = split == 'train' if expand_captions is None else expand_captions
         self.records = []
         path = os.path.join(data_dir, f'{split}.jsonl')
@@ -154,6 +156,18 @@ class VLMDataset:
                     self.records.append(r)
         if max_samples:
             self.records = self.records[:max_samples]
+
+    def _open_images(self):
+        if os.path.exists(os.path.join(self.data_dir, 'shards', 'index.npy')):
+            return ShardImages(self.data_dir)
+        return np.load(os.path.join(self.data_dir, 'images.npy'), mmap_mode='r')
+
+    def __getstate__(self):  # to a spawned DataLoader worker: reopen the memory map, do not copy it
+        return {**self.__dict__, 'images': None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.images = self._open_images()
 
     def __len__(self):
         return len(self.records)
@@ -271,6 +285,48 @@ class DataOrder:
 
     def state(self):
         return {'epoch': self.epoch, 'cursor': self.cursor}
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k: this process's grad_accum micro-batches of optimizer step k after `order`'s current
+    position, and how many of its samples were truncated. Each item recomputes its indices from
+    (epoch, cursor), so DataLoader workers build steps ahead, in any order, with the data order of
+    an inline run (and of a resumed one)."""
+
+    def __init__(self, dataset, order, batch_size, grad_accum, world_size, rank, encode_args):
+        self.dataset, self.n, self.seed = dataset, order.n, order.seed
+        self.start = order.epoch * order.n + order.cursor
+        self.batch_size, self.grad_accum, self.world_size, self.rank = batch_size, grad_accum, world_size, rank
+        self.encode_args = encode_args  # (tokenizer, num_image_tokens, max_len, isolate_turns)
+
+    def __len__(self):
+        return 1 << 62  # endless: epochs follow one another
+
+    def __getitem__(self, k):
+        pos = self.start + k * self.batch_size * self.grad_accum * self.world_size
+        idx = DataOrder(self.n, self.seed, pos // self.n, pos % self.n).take(self.batch_size * self.grad_accum * self.world_size)
+        tok, n_img, max_len, isolate = self.encode_args
+        stats, micro = Counter(), []
+        for m in range(self.grad_accum):
+            s = (m * self.world_size + self.rank) * self.batch_size
+            micro.append(collate(self.dataset, idx[s:s + self.batch_size], tok, n_img, max_len, stats, isolate))
+        return micro, stats['truncated']
+
+
+def _one_thread(worker_id):  # a worker builds batches; the training step keeps the cores
+    torch.set_num_threads(1)
+
+
+def step_batches(dataset, order, batch_size, grad_accum, world_size, rank, encode_args, num_workers=0):
+    """Endless (micro-batches, truncated) per optimizer step; num_workers > 0 builds them in that many
+    DataLoader processes, two steps ahead each (decoding --shards images, tokenizing)."""
+    steps = StepBatches(dataset, order, batch_size, grad_accum, world_size, rank, encode_args)
+    if num_workers == 0:
+        return (steps[k] for k in itertools.count())
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         prefetch_factor=2, persistent_workers=True,
+                                         worker_init_fn=_one_thread)
+    return iter(loader)
 
 
 def vlm_config(c, tok):

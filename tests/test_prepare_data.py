@@ -462,11 +462,16 @@ def cifar_shards(tmp_path_factory):
 
 
 def test_train_vlm_runs_on_prepared_cifar_shards(cifar_shards, tmp_path):
-    p = run([sys.executable, 'train_vlm.py', f'--data_dir={cifar_shards}', f'--out_dir={tmp_path}', *TINY,
-             '--image_size=32', '--max_iters=4', '--eval_interval=4', '--batch_size=8', '--warmup_iters=1'])
+    args = [sys.executable, 'train_vlm.py', f'--data_dir={cifar_shards}', *TINY, '--image_size=32', '--max_iters=4',
+            '--eval_interval=4', '--batch_size=8', '--warmup_iters=1', '--dtype=float32']
+    p = run(args + [f'--out_dir={tmp_path / "inline"}'])
     assert 'iter 4: loss' in p.stdout and 'train 32, val 8' in p.stdout
     assert 'held-out test accuracy on 8 questions' in p.stdout  # the class question on the test batch
-    assert json.load(open(tmp_path / 'test_accuracy.json'))['accuracy'].keys() == {'all', 'class'}
+    assert json.load(open(tmp_path / 'inline' / 'test_accuracy.json'))['accuracy'].keys() == {'all', 'class'}
+    # shards decoded in two DataLoader workers: the same batches, so the same losses
+    run(args + [f'--out_dir={tmp_path / "workers"}', '--num_workers=2', '--test_at_end=False'])
+    losses = lambda d: [m['loss'] for m in map(json.loads, open(d / 'metrics.jsonl')) if 'loss' in m]
+    assert losses(tmp_path / 'inline') == losses(tmp_path / 'workers') and len(losses(tmp_path / 'inline')) == 4
 
 
 def test_inspect_prints_stats_and_writes_contact_sheet(cifar_shards, capsys):
