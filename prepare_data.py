@@ -36,6 +36,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 from collections import Counter
 from functools import partial
@@ -274,10 +275,23 @@ def fit(img, size, resize):
     return out
 
 
+_hf_parts = None  # {split: datasets.Dataset} in each worker of the hf source
+
+
+def _set_hf_parts(parts):
+    global _hf_parts
+    _hf_parts = parts
+
+
 def load_image(job, size, resize, fmt):
-    """job = (where, src), src a path, encoded bytes or a uint8 (H, W, 3) array. Returns
-    (pixels (size, size, 3) uint8 or encoded bytes, None), or (None, 'where: why') when unreadable."""
+    """job = (where, src), src a path, encoded bytes, a uint8 (H, W, 3) array or (split, row, column)
+    of the hf source's dataset. Returns (pixels (size, size, 3) uint8 or encoded bytes, None), or
+    (None, 'where: why') when unreadable."""
     where, src = job
+    if isinstance(src, tuple):
+        split, i, column = src
+        cell = _hf_parts[split][i][column] or {}
+        src = cell.get('bytes') or cell.get('path')
     if src is None:
         return None, f'{where}: missing'
     try:
@@ -325,7 +339,7 @@ class ShardWriter:
         np.save(os.path.join(self.dir, 'index.npy'), np.array(self.index, dtype=np.int64).reshape(-1, 3))
 
 
-def write_dataset(a, source, splits, class_names, skipped, bad=(), **extra):
+def write_dataset(a, source, splits, class_names, skipped, bad=(), hf_parts=None, **extra):
     """splits: {split: [(where, image source, record)]}. Images are decoded and resized on all cores;
     one that cannot be read is reported, skipped and counted; the rest get consecutive rows."""
     from tqdm import tqdm
@@ -333,7 +347,6 @@ def write_dataset(a, source, splits, class_names, skipped, bad=(), **extra):
     for name in ('images.npy', 'shards'):  # a re-run in the other storage must not leave the old one
         path = os.path.join(a.out_dir, name)
         if os.path.isdir(path):
-            import shutil
             shutil.rmtree(path)
         elif os.path.exists(path):
             os.remove(path)
@@ -347,7 +360,7 @@ def write_dataset(a, source, splits, class_names, skipped, bad=(), **extra):
     skipped, bad, counts, row = Counter(skipped), list(bad), {}, 0
     work = partial(load_image, size=a.image_size, resize=a.resize, fmt=fmt)
     chunk = max(1, min(256, total // (8 * a.workers) or 1))
-    with Pool(a.workers) as pool, tqdm(total=total, desc=source, unit='img', disable=total < 2) as bar:
+    with Pool(a.workers, _set_hf_parts, (hf_parts,)) as pool, tqdm(total=total, desc=source, unit='img', disable=total < 2) as bar:
         for split, items in splits.items():
             counts[split] = 0
             with open(os.path.join(a.out_dir, f'{split}.jsonl'), 'w') as f:
@@ -538,7 +551,7 @@ def prepare_cifar10(a):
 def prepare_coco(a):
     """A COCO captions file {"images": [{id, file_name}], "annotations": [{image_id, caption}]}:
     one sample per image with all its captions."""
-    entries = dict(json_entries_obj(a.annotations))
+    entries = load_json_object(a.annotations)
     skipped, bad, captions = Counter(), [], {}
     for k, ann in enumerate(entries.get('annotations', [])):
         if not isinstance(ann, dict) or not isinstance(ann.get('caption'), str) or 'image_id' not in ann:
@@ -558,7 +571,7 @@ def prepare_coco(a):
     write_dataset(a, 'coco', split_items(items, a), None, skipped, bad)
 
 
-def json_entries_obj(path):
+def load_json_object(path):
     """A JSON object file (COCO), with the line of a syntax error."""
     if not os.path.exists(path):
         raise SystemExit(f'data error: {path} not found')
@@ -569,7 +582,7 @@ def json_entries_obj(path):
         raise SystemExit(f'data error: {path} line {e.lineno} is not valid JSON ({e.msg})')
     if not isinstance(obj, dict):
         raise SystemExit(f'data error: {path} is not a COCO annotation object ({{"images": ..., "annotations": ...}})')
-    return obj.items()
+    return obj
 
 
 LLAVA_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant'}
@@ -699,12 +712,12 @@ def prepare_hf(a):
         class_names = sorted({str(v) for p in parts.values() for v in p[label_col]})
     aliases = {'train': 'train', 'validation': 'val', 'valid': 'val', 'val': 'val', 'test': 'test'}
     items = {}
+    # the workers read and decode the images from the (memory-mapped) dataset; here only the rest is read
+    parts = {split: part.cast_column(image_col, datasets.Image(decode=False)) for split, part in parts.items()}
     for split, part in parts.items():
-        part = part.cast_column(image_col, datasets.Image(decode=False))  # bytes to the workers, decoded there
         rows = []
-        for i, ex in enumerate(part):
-            img = ex[image_col] or {}
-            src = img.get('bytes') or img.get('path')
+        for i, ex in enumerate(part.remove_columns(image_col)):
+            src = (split, i, image_col)
             y = ex[label_col] if label_col else None
             if y is not None and not isinstance(feature, datasets.ClassLabel):
                 y = class_names.index(str(y))
@@ -720,7 +733,8 @@ def prepare_hf(a):
             seed=a.seed, val_fraction=0 if 'val' in items else a.val_fraction,
             test_fraction=0 if 'test' in items else a.test_fraction))
         items = {'train': rest['train'], 'val': items.get('val', rest['val']), 'test': items.get('test', rest['test'])}
-    write_dataset(a, 'hf', items, class_names, Counter(), dataset=a.dataset, image_column=image_col, label_column=label_col)
+    write_dataset(a, 'hf', items, class_names, Counter(), hf_parts=parts, dataset=a.dataset, image_column=image_col,
+                  label_column=label_col)
 
 
 # -----------------------------------------------------------------------------
@@ -753,7 +767,7 @@ def inspect(data_dir, n_show=3, n_sheet=16, cell=128):
         answers = [len(t['content'].split()) for r in recs for t in r.get('turns', []) if t['role'] == 'assistant']
         n_turns = [sum(t['role'] == 'assistant' for t in r.get('turns', [])) for r in recs]
         labels = Counter(r['label'] for r in recs if r.get('label') is not None)
-        print(f'\n{split}: {len(recs)} samples; answers per sample {length_stats(n_turns).split(", ", 1)[-1]}')
+        print(f'\n{split}: {len(recs)} samples, {min(n_turns, default=0)} to {max(n_turns, default=0)} answers each')
         print(f'  captions: {length_stats(caps)}')
         print(f'  answers:  {length_stats(answers)}')
         if labels:
