@@ -710,6 +710,12 @@ def prepare_hf(a):
     class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
     if label_col and class_names is None:  # a plain column of labels: its sorted values are the classes
         class_names = sorted({str(v) for p in parts.values() for v in p[label_col]})
+    plain_labels = class_names
+    if a.class_names:  # e.g. readable names for a ClassLabel of codes
+        names = [n.strip() for n in a.class_names.split(',')]
+        if class_names is not None and len(names) != len(class_names):
+            raise SystemExit(f'--class_names has {len(names)} names but {a.dataset} has {len(class_names)} classes: {class_names}')
+        class_names = names
     aliases = {'train': 'train', 'validation': 'val', 'valid': 'val', 'val': 'val', 'test': 'test'}
     items = {}
     # the workers read and decode the images from the (memory-mapped) dataset; here only the rest is read
@@ -720,7 +726,7 @@ def prepare_hf(a):
             src = (split, i, image_col)
             y = ex[label_col] if label_col else None
             if y is not None and not isinstance(feature, datasets.ClassLabel):
-                y = class_names.index(str(y))
+                y = plain_labels.index(str(y))
             caps = [ex[a.text_column]] if a.text_column and ex.get(a.text_column) else None
             rec = classified(f'{split}-{i}', y, class_names, caps) if y is not None and not a.text_column \
                 else captioned(f'{split}-{i}', caps or [], y)
@@ -854,6 +860,7 @@ def main(argv=None):
     s.add_argument('--image_column', default='', help='default: the first Image feature')
     s.add_argument('--label_column', default='', help='default: the first ClassLabel feature')
     s.add_argument('--text_column', default='', help='a caption column, instead of the class question')
+    s.add_argument('--class_names', default='', help='comma-separated, in label order (default: from the features)')
     a = p.parse_args(argv)
     if a.source == 'shapes':
         return prepare_shapes(a)

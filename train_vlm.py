@@ -20,7 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
 from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
-from training import (DataOrder, VLMDataset, autocast_context, collate, load_checkpoint, lr_at, make_optimizer,
+from training import (DataOrder, VLMDataset, autocast_context, load_checkpoint, lr_at, make_optimizer,
                       measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint, 
                       setup_distributed, seed_everything, step_batches, val_loss, vlm_config)
 

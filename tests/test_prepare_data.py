@@ -388,6 +388,12 @@ def test_hf_dataset_from_disk(tmp_path):
         assert r['label'] == i % 3 and r['turns'][1]['content'] == ['crater', 'dune', 'rock field'][i % 3]
         r_, g_ = int(images[r['image']][4, 4, 0]), int(images[r['image']][4, 4, 1])
         assert r_ == 30 * i + 10 and g_ == (30 * i + 10 if i % 2 else 0)  # greyscale rows became grey RGB
+    # names by flag, checked against the number of classes
+    prepare('hf', '--dataset', tmp_path / 'mars', '--out_dir', out, '--image_size', '8', '--class_names', 'pit,sand,rocks')
+    assert json.load(open(out / 'meta.json'))['class_names'] == ['pit', 'sand', 'rocks']
+    assert {r['turns'][1]['content'] for r in records(out, 'test')} == {'pit', 'sand'}
+    with pytest.raises(SystemExit, match='--class_names has 2 names but .* has 3 classes'):
+        prepare('hf', '--dataset', tmp_path / 'mars', '--out_dir', out, '--class_names', 'pit,sand')
 
 
 def test_hf_missing_dataset_offline_is_one_line(tmp_path):
