@@ -444,6 +444,8 @@ def captioned(id, captions, label=None):
 
 def read_csv_rows(path, required):
     """(line number, row dict) of a CSV file whose header has the required columns."""
+    if not os.path.exists(path):
+        raise SystemExit(f'data error: {path} not found')
     f = open(path, newline='', encoding='utf-8-sig')
     reader = csv.DictReader(f)
     missing = [c for c in required if c not in (reader.fieldnames or [])]
@@ -548,9 +550,15 @@ def prepare_cifar10(a):
     write_dataset(a, 'cifar10', splits, class_names, skipped, bad, descriptions=a.descriptions or None)
 
 
+def need_folder(path, flag):
+    if not os.path.isdir(path):
+        raise SystemExit(f'data error: {path} is not a folder; {flag} must be the folder the images are in')
+
+
 def prepare_coco(a):
     """A COCO captions file {"images": [{id, file_name}], "annotations": [{image_id, caption}]}:
     one sample per image with all its captions."""
+    need_folder(a.images, '--images')
     entries = load_json_object(a.annotations)
     skipped, bad, captions = Counter(), [], {}
     for k, ann in enumerate(entries.get('annotations', [])):
@@ -613,6 +621,9 @@ def prepare_llava(a):
     """LLaVA JSON (a list, or JSON lines) of {id, image, conversations: [{from, value}]}.
     Text-only entries (no image) are counted in meta.json, not trained on: every glimpse sample has
     one image."""
+    need_folder(a.images, '--images')
+    if not os.path.exists(a.json):
+        raise SystemExit(f'data error: {a.json} not found')
     skipped, bad, items = Counter(), [], []
     for line, e in json_entries(a.json):
         where = f'{a.json} line {line}'
@@ -621,6 +632,9 @@ def prepare_llava(a):
             continue
         if not e.get('image'):
             skipped['text_only'] += 1
+            continue
+        if not isinstance(e['image'], str):
+            bad_row(skipped, bad, where, "'image' must be one path (several images per sample are not supported)")
             continue
         try:
             turns = llava_turns(e.get('conversations'))
@@ -756,6 +770,8 @@ def length_stats(lengths):
 def inspect(data_dir, n_show=3, n_sheet=16, cell=128):
     """Counts, caption and answer lengths, a few samples; contact_sheet.png of images and texts."""
     from training import VLMDataset  # reads images.npy or shards, as training does
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        raise SystemExit(f'data error: {data_dir}/meta.json not found; prepare the data first (python prepare_data.py --help)')
     with open(os.path.join(data_dir, 'meta.json')) as f:
         meta = json.load(f)
     print(f"{data_dir}: source {meta['source']}, {meta['image_size']}px, storage {meta.get('storage', 'npy')}")
