@@ -298,13 +298,20 @@ class StepBatches(torch.utils.data.Dataset):
         self.start = order.epoch * order.n + order.cursor
         self.batch_size, self.grad_accum, self.world_size, self.rank = batch_size, grad_accum, world_size, rank
         self.encode_args = encode_args  # (tokenizer, num_image_tokens, max_len, isolate_turns)
+        self.epoch, self.perm = None, None
 
     def __len__(self):
         return 1 << 62  # endless: epochs follow one another
 
     def __getitem__(self, k):
-        pos = self.start + k * self.batch_size * self.grad_accum * self.world_size
-        idx = DataOrder(self.n, self.seed, pos // self.n, pos % self.n).take(self.batch_size * self.grad_accum * self.world_size)
+        need = self.batch_size * self.grad_accum * self.world_size
+        pos, idx = self.start + k * need, []
+        while len(idx) < need:  # DataOrder.take from position pos, one epoch's permutation kept at a time
+            epoch, cursor = divmod(pos, self.n)
+            if self.epoch != epoch:
+                self.epoch, self.perm = epoch, DataOrder(self.n, self.seed, epoch)._perm
+            step = min(need - len(idx), self.n - cursor)
+            idx, pos = idx + self.perm[cursor:cursor + step], pos + step
         tok, n_img, max_len, isolate = self.encode_args
         stats, micro = Counter(), []
         for m in range(self.grad_accum):
