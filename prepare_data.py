@@ -2,26 +2,53 @@
 Turn a source into glimpse's one on-disk format:
 
     data/<name>/images.npy     uint8 (N, H, W, 3), memory-mapped at training time
+      or data/<name>/shards/   with --shards: encoded images (PNG or JPEG) in shard-*.bin files and
+                               index.npy, int64 (N, 3) = (shard, byte offset, byte length) per row;
+                               decoded when a batch is built, for datasets too large for raw pixels
     data/<name>/{train,val,test}.jsonl
                                one sample per line:
                                {"id", "image": row in images.npy, "turns": [{"role", "content"}],
                                 "captions": [...], "label": int or null, "qa": [{"q", "a", "type"}]}
                                the first user turn holds the image placeholder "<image>".
     data/<name>/meta.json      source, image size, class names, counts, what was skipped
+    data/<name>/skipped.txt    every skipped image or row, with its path or line number
 
 Sources:
     python prepare_data.py shapes [--n_train 50000 ...]   synthetic scenes, no download (the default)
+    python prepare_data.py cifar10 --root cifar-10-batches-py [--descriptions descriptions.csv]
+    python prepare_data.py coco --annotations captions_train2017.json --images train2017/
+    python prepare_data.py llava --json llava_v1_5_mix665k.json --images llava_images/
+    python prepare_data.py imagefolder --root pets/          (one sub-folder per class)
+    python prepare_data.py csv --csv data.csv --image_column path --text_columns caption [--label_column y]
+    python prepare_data.py hf --dataset user/name_or_save_to_disk_dir [--image_column img --label_column y]
+    python prepare_data.py --inspect data/<name>             counts, text lengths, samples, contact_sheet.png
+
+Labelled sources (cifar10 without descriptions, imagefolder, hf, csv with only a label) become
+classification conversations: "<image> what is in the image?" -> the class name, with the same
+question held out in "qa" for exact-match accuracy. Caption sources keep their captions, and
+training asks "describe the image." for them (an image with several captions gives one training
+sample per caption: see training.VLMDataset).
 """
 import argparse
+import csv
+import io
 import json
 import os
+import random
+import re
+import shutil
 import sys
+from collections import Counter
+from functools import partial
 from multiprocessing import Pool
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 IMAGE_TOKEN = '<image>'
+CLASS_QUESTION = 'what is in the image?'
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
+SHARD_BYTES = 256 << 20  # a new shard file every 256 MiB
 
 # -----------------------------------------------------------------------------
 # shapes: 1 to 3 objects on a 3x3 grid, exactly one of them large.
@@ -210,7 +237,598 @@ def write_meta(out_dir, **meta):
     print(f"wrote {out_dir}: {json.dumps(meta['counts'])}")
 
 
+# -----------------------------------------------------------------------------
+# images: any file, any mode -> RGB at the target size
+
+def to_rgb(img):
+    """Any PIL mode -> RGB. 16- and 32-bit greyscale are scaled to 8 bits (not clipped: clipping
+    turns a 16-bit image white); transparency is composited on white, as a viewer shows it."""
+    if img.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith('I;16') or a.max() > 255 else 255.0
+        hi = 1.0 if img.mode == 'F' and a.max() <= 1.0 else hi
+        img = Image.fromarray(np.clip(a * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8), 'L')
+    if img.mode == 'P':
+        img = img.convert('RGBA')  # a palette can carry a transparent index
+    if img.mode in ('LA', 'PA', 'RGBA', 'La', 'RGBa'):
+        img = img.convert('RGBA')
+        img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
+    return img.convert('RGB')
+
+
+def fit(img, size, resize):
+    """'crop': scale the short side to size and cut the center square; 'pad': scale the long side
+    to size and pad with black to a square (the whole image is kept)."""
+    w, h = img.size
+    if (w, h) == (size, size):
+        return img
+    if resize == 'crop':
+        s = size / min(w, h)
+        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+        left, top = (w - size) // 2, (h - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    s = size / max(w, h)
+    img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
+    out = Image.new('RGB', (size, size))
+    out.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return out
+
+
+_hf_parts = None  # {split: datasets.Dataset} in each worker of the hf source
+
+
+def _set_hf_parts(parts):
+    global _hf_parts
+    _hf_parts = parts
+
+
+def load_image(job, size, resize, fmt):
+    """job = (where, src), src a path, encoded bytes, a uint8 (H, W, 3) array or (split, row, column)
+    of the hf source's dataset. Returns (pixels (size, size, 3) uint8 or encoded bytes, None), or
+    (None, 'where: why') when unreadable."""
+    where, src = job
+    if isinstance(src, tuple):
+        split, i, column = src
+        cell = _hf_parts[split][i][column] or {}
+        src = cell.get('bytes') or cell.get('path')
+    if src is None:
+        return None, f'{where}: missing'
+    try:
+        if isinstance(src, np.ndarray):
+            img = Image.fromarray(src)
+        else:
+            img = Image.open(io.BytesIO(src) if isinstance(src, bytes) else src)
+            img.load()  # decode now, so a truncated file fails here and not in training
+        img = fit(to_rgb(img), size, resize)
+    except FileNotFoundError:
+        return None, f'{where}: missing'
+    except Exception as e:  # PIL raises many types for bad files; a bad image is skipped, never fatal
+        return None, f'{where}: corrupt ({type(e).__name__}: {e})'
+    if fmt == 'raw':
+        return np.asarray(img, dtype=np.uint8), None
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, quality=95)
+    return buf.getvalue(), None
+
+
+# -----------------------------------------------------------------------------
+# writing: samples -> images.npy (or shards) + {split}.jsonl + meta.json
+
+class ShardWriter:
+    """Encoded images appended to shard-*.bin files; index.npy says where each row is."""
+
+    def __init__(self, out_dir):
+        self.dir = os.path.join(out_dir, 'shards')
+        os.makedirs(self.dir, exist_ok=True)
+        self.index, self.shard, self.offset, self.f = [], -1, SHARD_BYTES, None
+
+    def append(self, data):
+        if self.offset + len(data) > SHARD_BYTES and self.offset > 0:
+            if self.f:
+                self.f.close()
+            self.shard, self.offset = self.shard + 1, 0
+            self.f = open(os.path.join(self.dir, f'shard-{self.shard:05d}.bin'), 'wb')
+        self.f.write(data)
+        self.index.append((self.shard, self.offset, len(data)))
+        self.offset += len(data)
+
+    def close(self):
+        if self.f:
+            self.f.close()
+        np.save(os.path.join(self.dir, 'index.npy'), np.array(self.index, dtype=np.int64).reshape(-1, 3))
+
+
+def write_dataset(a, source, splits, class_names, skipped, bad=(), hf_parts=None, **extra):
+    """splits: {split: [(where, image source, record)]}. Images are decoded and resized on all cores;
+    one that cannot be read is reported, skipped and counted; the rest get consecutive rows."""
+    from tqdm import tqdm
+    os.makedirs(a.out_dir, exist_ok=True)
+    for name in ('images.npy', 'shards'):  # a re-run in the other storage must not leave the old one
+        path = os.path.join(a.out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
+    fmt = a.shard_format.upper().replace('JPG', 'JPEG') if a.shards else 'raw'
+    total = sum(len(v) for v in splits.values())
+    if a.shards:
+        shards = ShardWriter(a.out_dir)
+    else:
+        tmp = os.path.join(a.out_dir, 'images.npy.tmp')
+        images = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(max(total, 1), a.image_size, a.image_size, 3))
+    skipped, bad, counts, row = Counter(skipped), list(bad), {}, 0
+    work = partial(load_image, size=a.image_size, resize=a.resize, fmt=fmt)
+    chunk = max(1, min(256, total // (8 * a.workers) or 1))
+    with Pool(a.workers, _set_hf_parts, (hf_parts,)) as pool, tqdm(total=total, desc=source, unit='img', disable=total < 2) as bar:
+        for split, items in splits.items():
+            counts[split] = 0
+            with open(os.path.join(a.out_dir, f'{split}.jsonl'), 'w') as f:
+                jobs = ((where, src) for where, src, _ in items)
+                for (where, _, record), (pixels, error) in zip(items, pool.imap(work, jobs, chunksize=chunk)):
+                    bar.update()
+                    if error:
+                        skipped['missing_image' if error.endswith(': missing') else 'corrupt_image'] += 1
+                        bad.append(error)
+                        continue
+                    if a.shards:
+                        shards.append(pixels)
+                    else:
+                        images[row] = pixels
+                    f.write(json.dumps({'id': record.pop('id'), 'image': row, **record}) + '\n')
+                    row += 1
+                    counts[split] += 1
+    if a.shards:
+        shards.close()
+    else:
+        images.flush()
+        del images
+        if row < total:  # drop the rows of skipped images
+            old = np.load(tmp, mmap_mode='r')
+            new = np.lib.format.open_memmap(os.path.join(a.out_dir, 'images.npy'), mode='w+', dtype=np.uint8,
+                                            shape=(row, a.image_size, a.image_size, 3))
+            for s in range(0, row, 4096):
+                new[s:s + 4096] = old[s:min(row, s + 4096)]
+            new.flush()
+            del old, new
+            os.remove(tmp)
+        else:
+            os.replace(tmp, os.path.join(a.out_dir, 'images.npy'))
+    report_skipped(a.out_dir, bad)
+    write_meta(a.out_dir, source=source, image_size=a.image_size, resize=a.resize, class_names=class_names,
+               counts=counts, skipped=dict(skipped), storage='shards' if a.shards else 'npy',
+               **({'shard_format': fmt} if a.shards else {}), **extra)
+
+
+def report_skipped(out_dir, bad, show=10):
+    with open(os.path.join(out_dir, 'skipped.txt'), 'w') as f:
+        f.writelines(b + '\n' for b in bad)
+    for b in bad[:show]:
+        print(f'skipped {b}', file=sys.stderr)
+    if len(bad) > show:
+        print(f'... and {len(bad) - show} more, all listed in {out_dir}/skipped.txt', file=sys.stderr)
+
+
+def bad_row(skipped, bad, where, why):
+    """A malformed row of a CSV or JSON file: reported by line, skipped and counted."""
+    skipped['bad_row'] += 1
+    bad.append(f'{where}: {why}')
+
+
+def split_items(items, a):
+    """A seeded split into train/val/test by --val_fraction and --test_fraction (of images)."""
+    order = list(range(len(items)))
+    random.Random(a.seed).shuffle(order)
+    n_val, n_test = round(len(items) * a.val_fraction), round(len(items) * a.test_fraction)
+    pick = lambda idx: [items[i] for i in sorted(idx)]
+    return {'train': pick(order[n_val + n_test:]), 'val': pick(order[:n_val]), 'test': pick(order[n_val:n_val + n_test])}
+
+
+def readable(name):
+    return str(name).replace('_', ' ').strip()
+
+
+def classified(id, label, class_names, captions=None):
+    """A record for a labelled image: the class question as the conversation and a held-out question;
+    captions templated from the label unless given."""
+    name = readable(class_names[label])
+    return {'id': id, 'turns': [{'role': 'user', 'content': f'{IMAGE_TOKEN}\n{CLASS_QUESTION}'},
+                                {'role': 'assistant', 'content': name}],
+            'captions': captions or [f'a photo of a {name}.'], 'label': label,
+            'qa': [{'q': CLASS_QUESTION, 'a': name, 'type': 'class'}]}
+
+
+def captioned(id, captions, label=None):
+    return {'id': id, 'turns': [], 'captions': captions, 'label': label, 'qa': []}
+
+
+def read_csv_rows(path, required):
+    """(line number, row dict) of a CSV file whose header has the required columns."""
+    if not os.path.exists(path):
+        raise SystemExit(f'data error: {path} not found')
+    f = open(path, newline='', encoding='utf-8-sig')
+    reader = csv.DictReader(f)
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        raise SystemExit(f'data error: {path} has no column {missing[0]!r} (columns: {reader.fieldnames}); '
+                         f'name the right one with a flag')
+    for row in reader:
+        yield reader.line_num, row
+    f.close()
+
+
+def json_entries(path):
+    """(line number, entry) of a JSON array (one parse, entry by entry, so each entry knows its
+    line) or of a JSON-lines file. A syntax error is fatal and names the line."""
+    text = open(path, encoding='utf-8').read()
+    dec, space = json.JSONDecoder(), re.compile(r'\s*')
+    ws = lambda i: space.match(text, i).end()
+    seen = [0, 1]  # (position, its line): counted forward, entry by entry
+
+    def lineno(pos):
+        seen[1] += text.count('\n', seen[0], pos)
+        seen[0] = pos
+        return seen[1]
+
+    i = ws(0)
+    try:
+        if text[i:i + 1] != '[':  # JSON lines
+            for n, line in enumerate(text.splitlines(), 1):
+                if line.strip():
+                    try:
+                        yield n, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield n, e  # one bad line of many: the caller skips and counts it
+            return
+        i = ws(i + 1)
+        while text[i:i + 1] != ']':
+            obj, j = dec.raw_decode(text, i)
+            yield lineno(i), obj
+            i = ws(j)
+            if text[i:i + 1] == ',':
+                i = ws(i + 1)
+            elif text[i:i + 1] != ']':
+                raise json.JSONDecodeError("expected ',' or ']'", text, i)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f'data error: {path} line {e.lineno} is not valid JSON ({e.msg}); fix or remove that entry')
+
+
+# -----------------------------------------------------------------------------
+# sources
+
+def prepare_cifar10(a):
+    """The official python batches: data_batch_1..5 (train, and --val_fraction of it for val) and
+    test_batch (test). Each batch is a pickled dict: b'data' uint8 (10000, 3072) as R, G, B planes
+    of 32x32, b'labels', b'filenames'; batches.meta has the label names."""
+    import pickle
+
+    def unpickle(name):
+        path = os.path.join(a.root, name)
+        if not os.path.exists(path):
+            raise SystemExit(f'data error: {path} not found; --root must be the extracted cifar-10-batches-py folder')
+        with open(path, 'rb') as f:
+            return pickle.load(f, encoding='bytes')
+
+    class_names = [n.decode() for n in unpickle('batches.meta')[b'label_names']]
+
+    def batches(names):
+        data = [unpickle(n) for n in names]
+        pixels = np.concatenate([d[b'data'] for d in data]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return pixels, [int(l) for d in data for l in d[b'labels']], [f.decode() for d in data for f in d[b'filenames']]
+
+    train_px, train_y, train_names = batches([f'data_batch_{i}' for i in range(1, 6)])
+    test_px, test_y, test_names = batches(['test_batch'])
+    skipped, bad, descriptions = Counter(), [], {}
+    if a.descriptions:  # Dataset_Index is the row of the 50,000 training images, in batch order
+        cols = [f'A{k}' for k in range(1, 6)]
+        for line, row in read_csv_rows(a.descriptions, ['Dataset_Index'] + cols):
+            try:
+                index = int(row['Dataset_Index'])
+                texts = [row[c].strip() for c in cols if row.get(c) and row[c].strip()]
+                if not 0 <= index < len(train_y):
+                    raise ValueError(f'Dataset_Index {index} is not a training image (0..{len(train_y) - 1})')
+                if not texts:
+                    raise ValueError('no text in A1..A5')
+            except (ValueError, AttributeError) as e:
+                bad_row(skipped, bad, f'{a.descriptions} line {line}', e)
+                continue
+            descriptions[index] = texts
+    train = []
+    for i, (px, y) in enumerate(zip(train_px, train_y)):
+        if a.descriptions:
+            if i not in descriptions:
+                skipped['no_description'] += 1
+                continue
+            rec = captioned(f'train-{i:05d}', descriptions[i], y)
+        else:
+            rec = classified(f'train-{i:05d}', y, class_names)
+        train.append((f'data_batch {train_names[i]}', px, rec))
+    n_val = round(len(train) * a.val_fraction)
+    splits = {'train': train[:len(train) - n_val], 'val': train[len(train) - n_val:],
+              'test': [(f'test_batch {n}', px, classified(f'test-{i:05d}', y, class_names))
+                       for i, (px, y, n) in enumerate(zip(test_px, test_y, test_names))]}
+    write_dataset(a, 'cifar10', splits, class_names, skipped, bad, descriptions=a.descriptions or None)
+
+
+def need_folder(path, flag):
+    if not os.path.isdir(path):
+        raise SystemExit(f'data error: {path} is not a folder; {flag} must be the folder the images are in')
+
+
+def prepare_coco(a):
+    """A COCO captions file {"images": [{id, file_name}], "annotations": [{image_id, caption}]}:
+    one sample per image with all its captions."""
+    need_folder(a.images, '--images')
+    entries = load_json_object(a.annotations)
+    skipped, bad, captions = Counter(), [], {}
+    for k, ann in enumerate(entries.get('annotations', [])):
+        if not isinstance(ann, dict) or not isinstance(ann.get('caption'), str) or 'image_id' not in ann:
+            bad_row(skipped, bad, f'{a.annotations} annotations[{k}]', "needs 'image_id' and a string 'caption'")
+            continue
+        captions.setdefault(ann['image_id'], []).append(' '.join(ann['caption'].split()))
+    items = []
+    for k, im in enumerate(entries.get('images', [])):
+        if not isinstance(im, dict) or 'id' not in im or 'file_name' not in im:
+            bad_row(skipped, bad, f'{a.annotations} images[{k}]', "needs 'id' and 'file_name'")
+            continue
+        if im['id'] not in captions:
+            skipped['no_caption'] += 1
+            continue
+        path = os.path.join(a.images, im['file_name'])
+        items.append((path, path, captioned(str(im['id']), captions[im['id']])))
+    write_dataset(a, 'coco', split_items(items, a), None, skipped, bad)
+
+
+def load_json_object(path):
+    """A JSON object file (COCO), with the line of a syntax error."""
+    if not os.path.exists(path):
+        raise SystemExit(f'data error: {path} not found')
+    try:
+        with open(path, encoding='utf-8') as f:
+            obj = json.load(f)
+    except json.JSONDecodeError as e:
+        raise SystemExit(f'data error: {path} line {e.lineno} is not valid JSON ({e.msg})')
+    if not isinstance(obj, dict):
+        raise SystemExit(f'data error: {path} is not a COCO annotation object ({{"images": ..., "annotations": ...}})')
+    return obj
+
+
+LLAVA_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant'}
+
+
+def llava_turns(conversations):
+    """LLaVA conversations -> glimpse turns: alternating user/assistant, the image placeholder moved
+    to the start of the first user turn (LLaVA puts it first or last), a trailing question dropped."""
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("no 'conversations' list")
+    turns = []
+    for k, c in enumerate(conversations):
+        role = LLAVA_ROLES.get(c.get('from')) if isinstance(c, dict) else None
+        if role is None or not isinstance(c.get('value'), str):
+            raise ValueError(f"conversations[{k}] needs 'from' (human/gpt) and a string 'value'")
+        if role != ('user', 'assistant')[k % 2]:
+            raise ValueError(f'conversations[{k}] is {c["from"]!r}: turns must alternate human, gpt, ...')
+        turns.append({'role': role, 'content': c['value'].replace(IMAGE_TOKEN, '').strip()})
+    if turns[-1]['role'] == 'user':
+        turns = turns[:-1]
+    if not turns:
+        raise ValueError('no answer')
+    turns[0]['content'] = f"{IMAGE_TOKEN}\n{turns[0]['content']}"
+    return turns
+
+
+def prepare_llava(a):
+    """LLaVA JSON (a list, or JSON lines) of {id, image, conversations: [{from, value}]}.
+    Text-only entries (no image) are counted in meta.json, not trained on: every glimpse sample has
+    one image."""
+    need_folder(a.images, '--images')
+    if not os.path.exists(a.json):
+        raise SystemExit(f'data error: {a.json} not found')
+    skipped, bad, items = Counter(), [], []
+    for line, e in json_entries(a.json):
+        where = f'{a.json} line {line}'
+        if not isinstance(e, dict):
+            bad_row(skipped, bad, where, f'not valid JSON ({e.msg})' if isinstance(e, ValueError) else 'not an object')
+            continue
+        if not e.get('image'):
+            skipped['text_only'] += 1
+            continue
+        if not isinstance(e['image'], str):
+            bad_row(skipped, bad, where, "'image' must be one path (several images per sample are not supported)")
+            continue
+        try:
+            turns = llava_turns(e.get('conversations'))
+        except (ValueError, AttributeError) as err:
+            bad_row(skipped, bad, where, err)
+            continue
+        path = os.path.join(a.images, e['image'])
+        items.append((path, path, {'id': str(e.get('id', line)), 'turns': turns, 'captions': [], 'label': None, 'qa': []}))
+    write_dataset(a, 'llava', split_items(items, a), None, skipped, bad)
+
+
+def prepare_imagefolder(a):
+    """root/<class>/<image>: the class names are the sorted folder names."""
+    if not os.path.isdir(a.root):
+        raise SystemExit(f'data error: {a.root} is not a folder; give a folder with one sub-folder per class')
+    class_names = sorted(d for d in os.listdir(a.root) if os.path.isdir(os.path.join(a.root, d)))
+    if not class_names:
+        raise SystemExit(f'data error: {a.root} has no class sub-folders')
+    items = []
+    for y, name in enumerate(class_names):
+        for fn in sorted(os.listdir(os.path.join(a.root, name))):
+            if fn.lower().endswith(IMAGE_EXTS):
+                path = os.path.join(a.root, name, fn)
+                items.append((path, path, classified(f'{name}/{fn}', y, class_names)))
+    write_dataset(a, 'imagefolder', split_items(items, a), class_names, Counter())
+
+
+def prepare_csv(a):
+    """A CSV with an image-path column (relative to --images, default the CSV's folder), text
+    columns (captions) and/or a label column."""
+    texts = [c for c in a.text_columns.split(',') if c]
+    if not texts and not a.label_column:
+        raise SystemExit('usage: name --text_columns and/or --label_column')
+    base = a.images or os.path.dirname(os.path.abspath(a.csv))
+    if not os.path.exists(a.csv):
+        raise SystemExit(f'data error: {a.csv} not found')
+    rows = list(read_csv_rows(a.csv, [a.image_column] + texts + ([a.label_column] if a.label_column else [])))
+    class_names = None
+    if a.label_column:
+        values = {r[a.label_column].strip() for _, r in rows if r.get(a.label_column, '').strip()}
+        class_names = sorted(values, key=lambda v: (int(v), v) if v.lstrip('-').isdigit() else (float('inf'), v))
+    skipped, bad, items = Counter(), [], []
+    for line, r in rows:
+        where = f'{a.csv} line {line}'
+        path = (r.get(a.image_column) or '').strip()
+        caps = [r[c].strip() for c in texts if r.get(c) and r[c].strip()]
+        label = (r.get(a.label_column) or '').strip() if a.label_column else None
+        if not path or (not caps and not label):
+            bad_row(skipped, bad, where, f'empty {a.image_column!r}' if not path else 'no text in ' + ', '.join(texts))
+            continue
+        y = class_names.index(label) if label else None
+        rec = captioned(f'line{line}', caps, y) if caps else classified(f'line{line}', y, class_names)
+        full = os.path.join(base, path)
+        items.append((full, full, rec))
+    write_dataset(a, 'csv', split_items(items, a), class_names, skipped, bad)
+
+
+def prepare_hf(a):
+    """A Hugging Face datasets-library dataset, by hub id or a save_to_disk folder. The image and
+    label columns and the class names come from its features unless named by flags."""
+    try:
+        import datasets
+    except ImportError:
+        raise SystemExit('the hf source needs the datasets library: pip install datasets')
+    try:
+        if os.path.isdir(a.dataset):
+            ds = datasets.load_from_disk(a.dataset)
+        else:
+            ds = datasets.load_dataset(a.dataset, a.config or None)
+    except Exception as e:  # offline, unknown id, no permission: the library's messages run to pages
+        first = (str(e).strip().splitlines() or [''])[0][:200]
+        raise SystemExit(f'data error: cannot load dataset {a.dataset!r} ({type(e).__name__}: {first}); '
+                         f'check the id, or download it where there is a network and give its save_to_disk folder')
+    parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {'train': ds}
+    features = next(iter(parts.values())).features
+    image_col = a.image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)
+    label_col = a.label_column or next((k for k, f in features.items() if isinstance(f, datasets.ClassLabel)), None)
+    for flag, col in (('--image_column', image_col), ('--label_column', label_col)):
+        if col is not None and col not in features:
+            raise SystemExit(f'data error: {a.dataset} has no column {col!r} (columns: {list(features)}); fix {flag}')
+    if image_col is None:
+        raise SystemExit(f'data error: no Image column in {a.dataset} (columns: {list(features)}); name it with --image_column')
+    if label_col is None and not a.text_column:
+        raise SystemExit(f'data error: no ClassLabel column in {a.dataset} (columns: {list(features)}); '
+                         f'name one with --label_column or a caption column with --text_column')
+    feature = features.get(label_col)
+    class_names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    if label_col and class_names is None:  # a plain column of labels: its sorted values are the classes
+        class_names = sorted({str(v) for p in parts.values() for v in p[label_col]})
+    plain_labels = class_names
+    if a.class_names:  # e.g. readable names for a ClassLabel of codes
+        names = [n.strip() for n in a.class_names.split(',')]
+        if class_names is not None and len(names) != len(class_names):
+            raise SystemExit(f'--class_names has {len(names)} names but {a.dataset} has {len(class_names)} classes: {class_names}')
+        class_names = names
+    aliases = {'train': 'train', 'validation': 'val', 'valid': 'val', 'val': 'val', 'test': 'test'}
+    items = {}
+    # the workers read and decode the images from the (memory-mapped) dataset; here only the rest is read
+    parts = {split: part.cast_column(image_col, datasets.Image(decode=False)) for split, part in parts.items()}
+    for split, part in parts.items():
+        rows = []
+        for i, ex in enumerate(part.remove_columns(image_col)):
+            src = (split, i, image_col)
+            y = ex[label_col] if label_col else None
+            if y is not None and not isinstance(feature, datasets.ClassLabel):
+                y = plain_labels.index(str(y))
+            caps = [ex[a.text_column]] if a.text_column and ex.get(a.text_column) else None
+            rec = classified(f'{split}-{i}', y, class_names, caps) if y is not None and not a.text_column \
+                else captioned(f'{split}-{i}', caps or [], y)
+            rows.append((f'{a.dataset} {split}[{i}]', src, rec))
+        items[aliases.get(split, split)] = rows
+    if set(items) - {'train', 'val', 'test'} or 'train' not in items:
+        raise SystemExit(f'data error: {a.dataset} has splits {list(parts)}; glimpse needs train (and optionally validation, test)')
+    if 'val' not in items or 'test' not in items:  # carve what is missing out of train
+        rest = split_items(items['train'], argparse.Namespace(
+            seed=a.seed, val_fraction=0 if 'val' in items else a.val_fraction,
+            test_fraction=0 if 'test' in items else a.test_fraction))
+        items = {'train': rest['train'], 'val': items.get('val', rest['val']), 'test': items.get('test', rest['test'])}
+    write_dataset(a, 'hf', items, class_names, Counter(), hf_parts=parts, dataset=a.dataset, image_column=image_col,
+                  label_column=label_col)
+
+
+# -----------------------------------------------------------------------------
+# --inspect: what the model will see
+
+def length_stats(lengths):
+    if not lengths:
+        return 'none'
+    x = np.array(lengths)
+    return f'{len(x)} texts, words min {x.min()} / median {int(np.median(x))} / mean {x.mean():.1f} / max {x.max()}'
+
+
+def inspect(data_dir, n_show=3, n_sheet=16, cell=128):
+    """Counts, caption and answer lengths, a few samples; contact_sheet.png of images and texts."""
+    from training import VLMDataset  # reads images.npy or shards, as training does
+    if not os.path.exists(os.path.join(data_dir, 'meta.json')):
+        raise SystemExit(f'data error: {data_dir}/meta.json not found; prepare the data first (python prepare_data.py --help)')
+    with open(os.path.join(data_dir, 'meta.json')) as f:
+        meta = json.load(f)
+    print(f"{data_dir}: source {meta['source']}, {meta['image_size']}px, storage {meta.get('storage', 'npy')}")
+    print(f"counts {meta['counts']}, skipped {meta.get('skipped', {})}")
+    if meta.get('class_names'):
+        print(f"{len(meta['class_names'])} classes: {', '.join(map(str, meta['class_names'][:20]))}"
+              + (' ...' if len(meta['class_names']) > 20 else ''))
+    sheet_items = []
+    for split in ('train', 'val', 'test'):
+        if not os.path.exists(os.path.join(data_dir, f'{split}.jsonl')):
+            continue
+        ds = VLMDataset(data_dir, split, expand_captions=False)
+        recs = ds.records
+        caps = [len(c.split()) for r in recs for c in r.get('captions', [])]
+        answers = [len(t['content'].split()) for r in recs for t in r.get('turns', []) if t['role'] == 'assistant']
+        n_turns = [sum(t['role'] == 'assistant' for t in r.get('turns', [])) for r in recs]
+        labels = Counter(r['label'] for r in recs if r.get('label') is not None)
+        print(f'\n{split}: {len(recs)} samples, {min(n_turns, default=0)} to {max(n_turns, default=0)} answers each')
+        print(f'  captions: {length_stats(caps)}')
+        print(f'  answers:  {length_stats(answers)}')
+        if labels:
+            print(f'  labels: {len(labels)} classes, {min(labels.values())} to {max(labels.values())} samples each')
+        for r in recs[:n_show]:
+            print(f"  [{r['id']}] image {r['image']}, label {r.get('label')}")
+            for t in r.get('turns', [])[:4]:
+                print(f"    {t['role']}: {t['content'][:100]!r}")
+            for c in r.get('captions', [])[:2]:
+                print(f'    caption: {c[:100]!r}')
+        if split == 'train':
+            sheet_items = [(ds.images[r['image']], r) for r in recs[:n_sheet]]
+    path = os.path.join(data_dir, 'contact_sheet.png')
+    contact_sheet(sheet_items, path, cell)
+    print(f'\nwrote {path}')
+
+
+def contact_sheet(items, path, cell=128, cols=4, text_h=48):
+    """A grid of images, each upscaled to cell x cell, with its first text underneath."""
+    from textwrap import wrap
+    rows = max(1, -(-len(items) // cols))
+    sheet = Image.new('RGB', (cols * cell, rows * (cell + text_h)), 'white')
+    draw = ImageDraw.Draw(sheet)
+    for k, (pixels, r) in enumerate(items):
+        x, y = (k % cols) * cell, (k // cols) * (cell + text_h)
+        sheet.paste(Image.fromarray(np.asarray(pixels)).resize((cell, cell), Image.NEAREST), (x, y))
+        answers = [t['content'] for t in r.get('turns', []) if t['role'] == 'assistant']
+        text = (r.get('captions') or answers or [''])[0]
+        draw.multiline_text((x + 2, y + cell + 2), '\n'.join(wrap(text, 22)[:3]), fill='black')
+    sheet.save(path)
+
+
+# -----------------------------------------------------------------------------
+
 def main(argv=None):
+    if argv and argv[0] == '--inspect':
+        if len(argv) != 2:
+            raise SystemExit('usage: python prepare_data.py --inspect data/<name>')
+        return inspect(argv[1])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='source', required=True)
     s = sub.add_parser('shapes', help='synthetic shapes scenes (no download)')
@@ -223,9 +841,53 @@ def main(argv=None):
     s.add_argument('--questions_eval', type=int, default=5, help='questions per val/test image')
     s.add_argument('--seed', type=int, default=1337)
     s.add_argument('--workers', type=int, default=os.cpu_count())
+
+    common = argparse.ArgumentParser(add_help=False)  # the flags every real source shares
+    common.add_argument('--out_dir', help='default: data/<source>')
+    common.add_argument('--image_size', type=int, default=224, help='square side in pixels (cifar10: 32)')
+    common.add_argument('--resize', choices=('crop', 'pad'), default='crop',
+                        help='crop: center square of the short side; pad: whole image on black')
+    common.add_argument('--val_fraction', type=float, default=0.05)
+    common.add_argument('--test_fraction', type=float, default=0.05, help='(cifar10: its test_batch instead)')
+    common.add_argument('--shards', action='store_true', help='encoded images in shard files, not raw pixels')
+    common.add_argument('--shard_format', choices=('png', 'jpeg'), default='jpeg', help='with --shards (jpeg at quality 95)')
+    common.add_argument('--seed', type=int, default=1337, help='for the split')
+    common.add_argument('--workers', type=int, default=os.cpu_count())
+    s = sub.add_parser('cifar10', parents=[common], help='the official cifar-10-batches-py folder')
+    s.add_argument('--root', default='cifar-10-batches-py')
+    s.add_argument('--descriptions', default='', help='CSV Dataset_Index,A1..A5: texts for training images (index 0..49999)')
+    s = sub.add_parser('coco', parents=[common], help='COCO captions: annotation JSON + image folder')
+    s.add_argument('--annotations', required=True)
+    s.add_argument('--images', required=True)
+    s = sub.add_parser('llava', parents=[common], help='LLaVA conversations JSON + image folder')
+    s.add_argument('--json', required=True)
+    s.add_argument('--images', required=True)
+    s = sub.add_parser('imagefolder', parents=[common], help='one sub-folder of images per class')
+    s.add_argument('--root', required=True)
+    s = sub.add_parser('csv', parents=[common], help='a CSV of image paths and texts and/or labels')
+    s.add_argument('--csv', required=True)
+    s.add_argument('--images', default='', help='folder the image paths are relative to (default: the CSV\'s)')
+    s.add_argument('--image_column', default='image')
+    s.add_argument('--text_columns', default='', help='comma-separated caption columns')
+    s.add_argument('--label_column', default='')
+    s = sub.add_parser('hf', parents=[common], help='a Hugging Face datasets-library dataset (pip install datasets)')
+    s.add_argument('--dataset', required=True, help='hub id or a save_to_disk folder')
+    s.add_argument('--config', default='', help='the dataset configuration name, if it has several')
+    s.add_argument('--image_column', default='', help='default: the first Image feature')
+    s.add_argument('--label_column', default='', help='default: the first ClassLabel feature')
+    s.add_argument('--text_column', default='', help='a caption column, instead of the class question')
+    s.add_argument('--class_names', default='', help='comma-separated, in label order (default: from the features)')
     a = p.parse_args(argv)
     if a.source == 'shapes':
-        prepare_shapes(a)
+        return prepare_shapes(a)
+    if a.source == 'cifar10' and '--image_size' not in (argv or []):
+        a.image_size = 32
+    a.out_dir = a.out_dir or os.path.join('data', a.source)
+    for name in ('val_fraction', 'test_fraction'):
+        if not 0 <= getattr(a, name) < 1:
+            raise SystemExit(f'--{name} must be in [0, 1)')
+    {'cifar10': prepare_cifar10, 'coco': prepare_coco, 'llava': prepare_llava, 'imagefolder': prepare_imagefolder,
+     'csv': prepare_csv, 'hf': prepare_hf}[a.source](a)
 
 
 if __name__ == '__main__':

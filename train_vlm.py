@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
 from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, load_pretrained_llm, training_flops_per_sample
-from training import (DataOrder, VLMDataset, autocast_context, caption_scores, collate, load_checkpoint, lr_at,
+from training import (DataOrder, VLMDataset, autocast_context, caption_scores, load_checkpoint, lr_at,
                       make_optimizer, measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy, raw_state_dict,
-                      save_checkpoint, setup_distributed, seed_everything, val_loss, vlm_config)
+                      save_checkpoint, setup_distributed, seed_everything, step_batches, val_loss, vlm_config)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -59,6 +59,7 @@ tie_embeddings = True
 tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
 max_seq_len = 256
 isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see training.pack_turns)
+num_workers = 0  # DataLoader processes building batches ahead of the step (decoding --shards images); 0 = inline
 # optimisation
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
@@ -192,6 +193,8 @@ def save(path):
 
 # -----------------------------------------------------------------------------
 stats = Counter()
+loader = step_batches(train_set, order, batch_size, grad_accum, world_size, rank, (tok, n_img, max_seq_len, isolate_turns),
+                      num_workers)
 metrics_path = os.path.join(out_dir, 'metrics.jsonl')
 if master and iter_num == 0 and os.path.exists(metrics_path):
     os.remove(metrics_path)
@@ -236,12 +239,11 @@ while True:
     t_step = time.perf_counter()  # evaluation and logging do not count as training time
 
     # one optimizer step: grad_accum micro-batches on each of world_size processes
-    idx = order.take(batch_size * grad_accum * world_size)
-    micro = []
-    for k in range(grad_accum):
-        chunk = idx[(k * world_size + rank) * batch_size:(k * world_size + rank + 1) * batch_size]
-        micro.append({key: v.to(device) for key, v in
-                      collate(train_set, chunk, tok, n_img, max_seq_len, stats, isolate_turns).items()})
+    order.take(batch_size * grad_accum * world_size)  # the loader builds these; order keeps the resume state
+    micro, n_truncated = next(loader)
+    micro = [{key: v.to(device) for key, v in b.items()} for b in micro]
+    if n_truncated:
+        stats['truncated'] += n_truncated
     # normalise by the supervised tokens of the whole step, over micro-steps and processes
     n_sup = torch.tensor(float(sum(int((b['targets'] != IGNORE_INDEX).sum()) for b in micro)), device=device)
     if ddp:

@@ -4,6 +4,8 @@ the dataset reader and batching, the data order, the learning-rate schedule, the
 checkpoints, and evaluation.
 """
 import dataclasses
+import io
+import itertools
 import json
 import math
 import os
@@ -99,17 +101,48 @@ def measure_peak_flops(device, dtype, n=2048, reps=5):
 # -----------------------------------------------------------------------------
 # data: the on-disk format of prepare_data.py
 
-class VLMDataset:
-    """One split of a prepared dataset: records from <split>.jsonl, pixels memory-mapped from images.npy."""
+class ShardImages:
+    """Rows of a --shards dataset: shards/index.npy is int64 (N, 3) = (shard, offset, length) of each
+    encoded image in shards/shard-*.bin. Indexing reads and decodes one image -> uint8 (H, W, 3);
+    os.pread keeps it safe in forked DataLoader workers (no shared file position)."""
 
-    def __init__(self, data_dir, split, max_samples=0):
-        for name in ('meta.json', 'images.npy', f'{split}.jsonl'):
+    def __init__(self, data_dir):
+        self.dir = os.path.join(data_dir, 'shards')
+        self.index = np.load(os.path.join(self.dir, 'index.npy'))
+        self.fds = {}
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, i):
+        from PIL import Image
+        shard, offset, length = (int(v) for v in self.index[i])
+        if shard not in self.fds:
+            self.fds[shard] = os.open(os.path.join(self.dir, f'shard-{shard:05d}.bin'), os.O_RDONLY)
+        data = os.pread(self.fds[shard], length, offset)
+        with Image.open(io.BytesIO(data)) as im:
+            return np.asarray(im.convert('RGB'))
+
+    def __getstate__(self):  # open file descriptors do not travel to spawned workers
+        return {**self.__dict__, 'fds': {}}
+
+
+class VLMDataset:
+    """One split of a prepared dataset: records from <split>.jsonl, pixels memory-mapped from
+    images.npy (or decoded from shards/). A training record with several captions and no turns
+    becomes one sample per caption (expand_captions), so every caption is trained on."""
+
+    def __init__(self, data_dir, split, max_samples=0, expand_captions=None):
+        sharded = os.path.exists(os.path.join(data_dir, 'shards', 'index.npy'))
+        for name in ('meta.json', 'shards/index.npy' if sharded else 'images.npy', f'{split}.jsonl'):
             if not os.path.exists(os.path.join(data_dir, name)):
                 raise SystemExit(f"data error: {os.path.join(data_dir, name)} not found; "
-                                 f"make it with: python prepare_data.py shapes --out_dir={data_dir}")
+                                 f"make it with: python prepare_data.py <source> --out_dir={data_dir}")
         with open(os.path.join(data_dir, 'meta.json')) as f:
             self.meta = json.load(f)
-        self.images = np.load(os.path.join(data_dir, 'images.npy'), mmap_mode='r')
+        self.data_dir = data_dir
+        self.images = self._open_images()
+        expand = split == 'train' if expand_captions is None else expand_captions
         self.records = []
         path = os.path.join(data_dir, f'{split}.jsonl')
         with open(path) as f:
@@ -117,9 +150,27 @@ class VLMDataset:
                 if max_samples and len(self.records) >= max_samples:
                     break
                 try:
-                    self.records.append(json.loads(line))
+                    r = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise SystemExit(f'data error: {path} line {lineno} is not valid JSON ({e.msg})')
+                if expand and not r.get('turns') and len(r.get('captions', [])) > 1:
+                    self.records += [{**r, 'captions': [c]} for c in r['captions']]
+                else:
+                    self.records.append(r)
+        if max_samples:
+            self.records = self.records[:max_samples]
+
+    def _open_images(self):
+        if os.path.exists(os.path.join(self.data_dir, 'shards', 'index.npy')):
+            return ShardImages(self.data_dir)
+        return np.load(os.path.join(self.data_dir, 'images.npy'), mmap_mode='r')
+
+    def __getstate__(self):  # to a spawned DataLoader worker: reopen the memory map, do not copy it
+        return {**self.__dict__, 'images': None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.images = self._open_images()
 
     def __len__(self):
         return len(self.records)
@@ -165,39 +216,40 @@ def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
 
 
 def encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns=False):
-    """(ids, targets, positions, segment_ids, turns dropped) for one conversation, or None if not even
-    the first answer fits. Too long: whole trailing turns are dropped, never part of the image or of
-    an answer. targets[t] is the next token where that token is supervised, else IGNORE_INDEX."""
-    dropped = 0
+    """(ids, targets, positions, segment_ids, truncated) for one conversation. Too long: whole trailing
+    turn pairs are dropped; if the first pair alone is still too long, its tail is cut (the image is
+    always kept whole; max_seq_len below the image tokens is a config error). targets[t] is the next
+    token where that token is supervised, else IGNORE_INDEX. truncated is 0 when nothing was cut."""
+    truncated = 0
     while True:
         ids, sup, pos, seg = pack_turns(tokenizer, turns, num_image_tokens, isolate_turns)
         if len(ids) <= max_len or len(turns) <= 2:
             break
-        turns, dropped = turns[:-2], dropped + 2
-    if len(ids) > max_len or not any(sup):
-        return None
+        turns, truncated = turns[:-2], truncated + 2
+    if len(ids) > max_len:
+        image_end = max((i for i, t in enumerate(ids) if t == tokenizer.image_token_id), default=-1) + 1
+        if image_end >= max_len:
+            raise SystemExit(f'config error: max_seq_len={max_len} leaves no room after the {num_image_tokens} '
+                             f'image tokens; raise max_seq_len')
+        ids, sup, pos, seg = ids[:max_len], sup[:max_len], pos[:max_len], seg[:max_len]
+        truncated += 1
     targets = [t if s and sg == sg_prev else IGNORE_INDEX
                for t, s, sg, sg_prev in zip(ids[1:], sup[1:], seg[1:], seg[:-1])] + [IGNORE_INDEX]
-    return ids, targets, pos, seg, dropped
+    return ids, targets, pos, seg, truncated
 
 
 def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, isolate_turns=False):
     """Right-padded batch: input_ids, targets (IGNORE_INDEX at padding), attention_mask, images,
-    and positions and segment_ids when turns are isolated."""
+    and positions and segment_ids when turns are isolated. stats['truncated'] counts the samples
+    cut to fit max_len (none is dropped)."""
     seqs, rows = [], []
     for i in indices:
         r = dataset.records[i]
         enc = encode_sample(tokenizer, conversation(r), num_image_tokens, max_len, isolate_turns)
-        if enc is None:
-            if stats is not None:
-                stats['skipped_too_long'] += 1
-            continue
         if stats is not None and enc[4]:
             stats['truncated'] += 1
         seqs.append(enc)
         rows.append(r['image'])
-    if not seqs:
-        raise SystemExit(f'data error: no sample of this batch fits in max_seq_len={max_len}; raise it')
     T = max(len(s[0]) for s in seqs)
     batch = dict(input_ids=torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long),
                  targets=torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long),
@@ -239,6 +291,55 @@ class DataOrder:
 
     def state(self):
         return {'epoch': self.epoch, 'cursor': self.cursor}
+
+
+class StepBatches(torch.utils.data.Dataset):
+    """Item k: this process's grad_accum micro-batches of optimizer step k after `order`'s current
+    position, and how many of its samples were truncated. Each item recomputes its indices from
+    (epoch, cursor), so DataLoader workers build steps ahead, in any order, with the data order of
+    an inline run (and of a resumed one)."""
+
+    def __init__(self, dataset, order, batch_size, grad_accum, world_size, rank, encode_args):
+        self.dataset, self.n, self.seed = dataset, order.n, order.seed
+        self.start = order.epoch * order.n + order.cursor
+        self.batch_size, self.grad_accum, self.world_size, self.rank = batch_size, grad_accum, world_size, rank
+        self.encode_args = encode_args  # (tokenizer, num_image_tokens, max_len, isolate_turns)
+        self.epoch, self.perm = None, None
+
+    def __len__(self):
+        return 1 << 62  # endless: epochs follow one another
+
+    def __getitem__(self, k):
+        need = self.batch_size * self.grad_accum * self.world_size
+        pos, idx = self.start + k * need, []
+        while len(idx) < need:  # DataOrder.take from position pos, one epoch's permutation kept at a time
+            epoch, cursor = divmod(pos, self.n)
+            if self.epoch != epoch:
+                self.epoch, self.perm = epoch, DataOrder(self.n, self.seed, epoch)._perm
+            step = min(need - len(idx), self.n - cursor)
+            idx, pos = idx + self.perm[cursor:cursor + step], pos + step
+        tok, n_img, max_len, isolate = self.encode_args
+        stats, micro = Counter(), []
+        for m in range(self.grad_accum):
+            s = (m * self.world_size + self.rank) * self.batch_size
+            micro.append(collate(self.dataset, idx[s:s + self.batch_size], tok, n_img, max_len, stats, isolate))
+        return micro, stats['truncated']
+
+
+def _one_thread(worker_id):  # a worker builds batches; the training step keeps the cores
+    torch.set_num_threads(1)
+
+
+def step_batches(dataset, order, batch_size, grad_accum, world_size, rank, encode_args, num_workers=0):
+    """Endless (micro-batches, truncated) per optimizer step; num_workers > 0 builds them in that many
+    DataLoader processes, two steps ahead each (decoding --shards images, tokenizing)."""
+    steps = StepBatches(dataset, order, batch_size, grad_accum, world_size, rank, encode_args)
+    if num_workers == 0:
+        return (steps[k] for k in itertools.count())
+    loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=num_workers,
+                                         prefetch_factor=2, persistent_workers=True,
+                                         worker_init_fn=_one_thread)
+    return iter(loader)
 
 
 def vlm_config(c, tok, llm=None):

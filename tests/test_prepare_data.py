@@ -106,3 +106,399 @@ def test_on_disk_format(shapes_dir):
         img, rec = shapes_sample((meta['seed'], split_id, 3, 64, len(r['qa'])))
         assert np.array_equal(images[r['image']], img) and rec['qa'] == r['qa']
     assert rows == set(range(128))
+
+
+# -----------------------------------------------------------------------------
+# real sources, each from a small fixture in its distributed layout
+
+import csv
+import pickle
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+import prepare_data
+from conftest import ROOT, TINY, run
+from model import IGNORE_INDEX, Tokenizer
+from prepare_data import IMAGE_TOKEN
+from training import VLMDataset, collate, encode_sample
+
+CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
+
+
+def make_cifar(root, per_batch=6, n_test=5, seed=0):
+    """cifar-10-batches-py as distributed: pickled dicts with byte-string keys, (n, 3072) uint8 rows
+    holding the R, G and B planes. Returns the (N, 32, 32, 3) train and test pixels and labels."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True)
+    with open(root / 'batches.meta', 'wb') as f:
+        pickle.dump({b'label_names': [c.encode() for c in CIFAR_CLASSES], b'num_vis': 3072}, f)
+    out = {}
+    for name, n in [(f'data_batch_{i}', per_batch) for i in range(1, 6)] + [('test_batch', n_test)]:
+        px = rng.integers(0, 256, size=(n, 32, 32, 3), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).tolist()
+        with open(root / name, 'wb') as f:
+            pickle.dump({b'batch_label': name.encode(), b'labels': labels,
+                         b'data': px.transpose(0, 3, 1, 2).reshape(n, 3072),
+                         b'filenames': [f'img_{name}_{i}.png'.encode() for i in range(n)]}, f)
+        out[name] = (px, labels)
+    train = [out[f'data_batch_{i}'] for i in range(1, 6)]
+    return (np.concatenate([p for p, _ in train]), sum((l for _, l in train), []), *out['test_batch'])
+
+
+def records(d, split):
+    return [json.loads(l) for l in open(os.path.join(d, f'{split}.jsonl'))]
+
+
+def prepare(*args):
+    prepare_data.main([*map(str, args), '--workers', '1'])
+
+
+def test_cifar10_batches_labels_pixels_and_splits(tmp_path):
+    train_px, train_y, test_px, test_y = make_cifar(tmp_path / 'cifar-10-batches-py')
+    out = tmp_path / 'cifar'
+    prepare('cifar10', '--root', tmp_path / 'cifar-10-batches-py', '--out_dir', out, '--val_fraction', '0.1')
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['class_names'] == CIFAR_CLASSES and meta['image_size'] == 32
+    assert meta['counts'] == {'train': 27, 'val': 3, 'test': 5} and meta['skipped'] == {}
+    images = np.load(out / 'images.npy', mmap_mode='r')
+    assert images.shape == (35, 32, 32, 3)
+    tr, va, te = records(out, 'train'), records(out, 'val'), records(out, 'test')
+    for i, r in enumerate(tr + va):  # the training batches in order, the last 10% held out for val
+        assert np.array_equal(images[r['image']], train_px[i]) and r['label'] == train_y[i]
+    for i, r in enumerate(te):
+        assert np.array_equal(images[r['image']], test_px[i]) and r['label'] == test_y[i]
+    r = te[0]
+    name = CIFAR_CLASSES[r['label']]
+    assert r['turns'] == [{'role': 'user', 'content': f'{IMAGE_TOKEN}\nwhat is in the image?'},
+                          {'role': 'assistant', 'content': name}]
+    assert r['captions'] == [f'a photo of a {name}.'] and r['qa'] == [{'q': 'what is in the image?', 'a': name, 'type': 'class'}]
+
+
+def test_cifar10_descriptions_csv(tmp_path):
+    train_px, train_y, _, _ = make_cifar(tmp_path / 'cifar-10-batches-py')
+    csv_path = tmp_path / 'descriptions.csv'
+    with open(csv_path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['Dataset_Index', 'A1', 'A2', 'A3', 'A4', 'A5'])
+        for i in range(0, 30, 2):  # every other training image is described
+            w.writerow([i] + [f'text {k} of image {i}' for k in range(1, 6)])
+        w.writerow([30000, 'a', 'b', 'c', 'd', 'e'])  # line 17: no such training image
+        w.writerow(['seven', 'a', 'b', 'c', 'd', 'e'])  # line 18: not an index
+    out = tmp_path / 'cifar_desc'
+    prepare('cifar10', '--root', tmp_path / 'cifar-10-batches-py', '--out_dir', out, '--descriptions', csv_path,
+            '--val_fraction', '0.2')
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['skipped'] == {'bad_row': 2, 'no_description': 15}
+    assert meta['counts'] == {'train': 12, 'val': 3, 'test': 5}
+    bad = open(out / 'skipped.txt').read()
+    assert f'{csv_path} line 17' in bad and f'{csv_path} line 18' in bad
+    images = np.load(out / 'images.npy', mmap_mode='r')
+    for r in records(out, 'train') + records(out, 'val'):
+        i = int(r['id'].split('-')[1])
+        assert i % 2 == 0 and r['captions'] == [f'text {k} of image {i}' for k in range(1, 6)]
+        assert r['label'] == train_y[i] and np.array_equal(images[r['image']], train_px[i])
+        assert r['turns'] == []
+    # five captions per image: five training samples, each answering "describe the image."
+    ds = VLMDataset(str(out), 'train')
+    assert len(ds) == 60 and [r['captions'] for r in ds.records[:2]] == [['text 1 of image 0'], ['text 2 of image 0']]
+
+
+def save_jpeg(path, size=(40, 30), color=(200, 30, 30)):
+    Image.new('RGB', size, color).save(path, quality=95)
+
+
+def test_coco_captions_and_bad_images(tmp_path):
+    (tmp_path / 'train2017').mkdir()
+    images, annotations = [], []
+    for i in range(6):
+        images.append({'id': 100 + i, 'file_name': f'{i:012d}.jpg', 'width': 40, 'height': 30})
+        for k in range(2):
+            annotations.append({'image_id': 100 + i, 'id': 10 * i + k, 'caption': f' A  photo {i}, caption {k}. '})
+        if i < 4:
+            save_jpeg(tmp_path / 'train2017' / f'{i:012d}.jpg', color=(40 * i, 0, 0))
+    # image 4 is missing; image 5 is a truncated JPEG
+    Image.new('RGB', (64, 64), (0, 90, 0)).save(tmp_path / 'full.jpg')
+    data = open(tmp_path / 'full.jpg', 'rb').read()
+    open(tmp_path / 'train2017' / f'{5:012d}.jpg', 'wb').write(data[:len(data) // 3])
+    annotations.append({'image_id': 100, 'id': 999})  # no caption: a malformed annotation
+    ann = tmp_path / 'captions_train2017.json'
+    json.dump({'images': images, 'annotations': annotations}, open(ann, 'w'))
+    out = tmp_path / 'coco'
+    prepare('coco', '--annotations', ann, '--images', tmp_path / 'train2017', '--out_dir', out, '--image_size', '16',
+            '--val_fraction', '0.25', '--test_fraction', '0.25')
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['skipped'] == {'missing_image': 1, 'corrupt_image': 1, 'bad_row': 1}
+    assert sum(meta['counts'].values()) == 4  # split by image before reading: 2 + 2 + 2, less the 2 bad ones
+    assert all(len(records(out, k)) == n for k, n in meta['counts'].items())
+    bad = open(out / 'skipped.txt').read().splitlines()
+    assert any(str(tmp_path / 'train2017' / '000000000004.jpg') in b and 'missing' in b for b in bad)
+    assert any(str(tmp_path / 'train2017' / '000000000005.jpg') in b and 'corrupt' in b for b in bad)
+    assert any('annotations[12]' in b for b in bad)
+    images = np.load(out / 'images.npy', mmap_mode='r')
+    assert images.shape == (4, 16, 16, 3)
+    for split in ('train', 'val', 'test'):
+        for r in records(out, split):
+            i = int(r['id']) - 100
+            assert r['captions'] == [f'A photo {i}, caption 0.', f'A photo {i}, caption 1.']
+            assert abs(int(images[r['image']][..., 0].mean()) - 40 * i) <= 3  # the right picture in the right row
+
+
+def test_llava_conversations(tmp_path):
+    (tmp_path / 'imgs').mkdir()
+    for i in range(4):
+        save_jpeg(tmp_path / 'imgs' / f'{i}.jpg')
+    entries = [
+        {'id': 'multi', 'image': '0.jpg', 'conversations': [
+            {'from': 'human', 'value': 'What is this?\n<image>'}, {'from': 'gpt', 'value': 'A red square.'},
+            {'from': 'human', 'value': 'Is it big?'}, {'from': 'gpt', 'value': 'No.'},
+            {'from': 'human', 'value': 'A question left unanswered'}]},
+        {'id': 'text', 'conversations': [{'from': 'human', 'value': 'hi'}, {'from': 'gpt', 'value': 'hello'}]},
+        {'id': 'gpt-first', 'image': '1.jpg', 'conversations': [{'from': 'gpt', 'value': 'x'}]},
+        {'id': 'one', 'image': '2.jpg', 'conversations': [
+            {'from': 'human', 'value': '<image>\nDescribe.'}, {'from': 'gpt', 'value': 'Red.'}]},
+        {'id': 'lost', 'image': 'nope.jpg', 'conversations': [
+            {'from': 'human', 'value': '<image>\nDescribe.'}, {'from': 'gpt', 'value': 'Red.'}]},
+    ]
+    path = tmp_path / 'llava.json'
+    path.write_text(json.dumps(entries, indent=1))
+    out = tmp_path / 'llava'
+    prepare('llava', '--json', path, '--images', tmp_path / 'imgs', '--out_dir', out, '--image_size', '8',
+            '--val_fraction', '0', '--test_fraction', '0')
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['skipped'] == {'text_only': 1, 'bad_row': 1, 'missing_image': 1} and meta['counts']['train'] == 2
+    gpt_first_line = path.read_text().splitlines().index('  "id": "gpt-first",')  # its "{" is the line before
+    assert f'{path} line {gpt_first_line}:' in open(out / 'skipped.txt').read()
+    recs = {r['id']: r for r in records(out, 'train')}
+    assert recs['multi']['turns'] == [
+        {'role': 'user', 'content': '<image>\nWhat is this?'}, {'role': 'assistant', 'content': 'A red square.'},
+        {'role': 'user', 'content': 'Is it big?'}, {'role': 'assistant', 'content': 'No.'}]
+    assert recs['one']['turns'][0]['content'] == '<image>\nDescribe.'
+
+
+def test_llava_json_syntax_error_names_the_line(tmp_path):
+    path = tmp_path / 'bad.json'
+    path.write_text('[\n {"id": 1, "image": "a.jpg"},\n {"id": 2 "image": "b.jpg"}\n]')
+    with pytest.raises(SystemExit, match=r'bad.json line 3 is not valid JSON'):
+        prepare('llava', '--json', path, '--images', tmp_path, '--out_dir', tmp_path / 'o')
+
+
+def mode_images():
+    """One image per PIL mode, with the RGB each should become."""
+    rgba = Image.new('RGBA', (8, 8), (255, 0, 0, 0))  # fully transparent: white
+    p = Image.new('P', (8, 8))
+    p.putpalette([0, 0, 255] + [0] * 765)  # index 0 is blue
+    i16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    assert i16.mode.startswith('I;16')
+    return {'L': (Image.new('L', (8, 8), 100), (100, 100, 100)),
+            'LA': (Image.new('LA', (8, 8), (0, 255)), (0, 0, 0)),
+            'RGBA': (rgba, (255, 255, 255)),
+            'P': (p, (0, 0, 255)),
+            'CMYK': (Image.new('CMYK', (8, 8), (0, 255, 255, 0)), (255, 0, 0)),
+            'I16': (i16, (255, 255, 255))}
+
+
+def test_imagefolder_modes_resize_and_shards(tmp_path):
+    root = tmp_path / 'pets'
+    expected = {}
+    for name, (img, rgb) in mode_images().items():
+        (root / f'class_{name}').mkdir(parents=True)
+        img.save(root / f'class_{name}' / 'a.png' if name != 'CMYK' else root / f'class_{name}' / 'a.tif')
+        expected[f'class {name}'] = rgb
+    (root / 'class_L' / 'broken.png').write_bytes(b'not a png')
+    out = tmp_path / 'folder'
+    prepare('imagefolder', '--root', root, '--out_dir', out, '--image_size', '4', '--val_fraction', '0', '--test_fraction', '0')
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['class_names'] == ['class_CMYK', 'class_I16', 'class_L', 'class_LA', 'class_P', 'class_RGBA']
+    assert meta['skipped'] == {'corrupt_image': 1} and meta['counts']['train'] == 6
+    assert 'broken.png: corrupt' in open(out / 'skipped.txt').read()
+    ds = VLMDataset(str(out), 'train')
+    for r in ds.records:
+        name = r['turns'][1]['content']
+        assert meta['class_names'][r['label']].replace('_', ' ') == name
+        assert tuple(ds.images[r['image']][2, 2]) == expected[name], name
+    # the same images in PNG shards read back identically, through VLMDataset
+    sharded = tmp_path / 'folder_shards'
+    prepare('imagefolder', '--root', root, '--out_dir', sharded, '--image_size', '4', '--val_fraction', '0',
+            '--test_fraction', '0', '--shards', '--shard_format', 'png')
+    assert not (sharded / 'images.npy').exists() and json.load(open(sharded / 'meta.json'))['storage'] == 'shards'
+    ds2 = VLMDataset(str(sharded), 'train')
+    assert [r['id'] for r in ds2.records] == [r['id'] for r in ds.records]
+    for r in ds.records:
+        assert np.array_equal(ds2.images[r['image']], ds.images[r['image']])
+
+
+def test_resize_crop_and_pad():
+    img = Image.new('RGB', (40, 20), (255, 0, 0))
+    img.paste((0, 255, 0), (0, 0, 10, 20))  # a green band on the left quarter
+    crop = np.asarray(prepare_data.fit(img, 10, 'crop'))
+    pad = np.asarray(prepare_data.fit(img, 10, 'pad'))
+    assert crop.shape == pad.shape == (10, 10, 3)
+    assert (crop[..., 0] > 200).all()  # the center square: all red, the green band cut off
+    assert (pad[:2] == 0).all() and (pad[-2:] == 0).all()  # 10x5 picture on black, rows 0-1 and 8-9 empty
+    assert pad[5, 0, 1] > 200 and pad[5, 9, 0] > 200
+
+
+def test_csv_source_and_bad_rows(tmp_path):
+    (tmp_path / 'img').mkdir()
+    for i in range(5):
+        save_jpeg(tmp_path / 'img' / f'{i}.jpg')
+    path = tmp_path / 'data.csv'
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        w.writerow(['file', 'short', 'long', 'kind'])
+        for i in range(5):
+            w.writerow([f'img/{i}.jpg', f'short {i}', f'long text {i}', 'b' if i % 2 else 'a'])
+        w.writerow(['', 'no image', 'here', 'a'])  # line 7
+    out = tmp_path / 'csvdata'
+    prepare('csv', '--csv', path, '--image_column', 'file', '--text_columns', 'short,long', '--label_column', 'kind',
+            '--out_dir', out, '--image_size', '8', '--val_fraction', '0.2', '--test_fraction', '0.2')
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['class_names'] == ['a', 'b'] and meta['skipped'] == {'bad_row': 1}
+    assert meta['counts'] == {'train': 3, 'val': 1, 'test': 1}
+    assert f'{path} line 7' in open(out / 'skipped.txt').read()
+    for split in ('train', 'val', 'test'):
+        for r in records(out, split):
+            i = int(r['captions'][0].split()[-1])
+            assert r['captions'] == [f'short {i}', f'long text {i}'] and r['label'] == i % 2
+    with pytest.raises(SystemExit, match="has no column 'caption'"):
+        prepare('csv', '--csv', path, '--image_column', 'file', '--text_columns', 'caption', '--out_dir', out)
+
+
+def test_hf_dataset_from_disk(tmp_path):
+    datasets = pytest.importorskip('datasets')
+    imgs = [Image.new('L' if i % 2 else 'RGB', (12, 10), 30 * i + 10 if i % 2 else (30 * i + 10, 0, 0)) for i in range(6)]
+    ds = datasets.Dataset.from_dict(
+        {'picture': imgs, 'terrain': [i % 3 for i in range(6)], 'note': [f'n{i}' for i in range(6)]},
+        features=datasets.Features({'picture': datasets.Image(), 'note': datasets.Value('string'),
+                                    'terrain': datasets.ClassLabel(names=['crater', 'dune', 'rock_field'])}))
+    dd = datasets.DatasetDict({'train': ds, 'test': ds.select(range(2))})
+    dd.save_to_disk(str(tmp_path / 'mars'))
+    out = tmp_path / 'hfdata'
+    prepare('hf', '--dataset', tmp_path / 'mars', '--out_dir', out, '--image_size', '8', '--val_fraction', '0.34')
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['class_names'] == ['crater', 'dune', 'rock_field']
+    assert meta['image_column'] == 'picture' and meta['label_column'] == 'terrain'
+    assert meta['counts'] == {'train': 4, 'val': 2, 'test': 2}
+    images = np.load(out / 'images.npy', mmap_mode='r')
+    for r in records(out, 'train') + records(out, 'val'):
+        i = int(r['id'].split('-')[1])
+        assert r['label'] == i % 3 and r['turns'][1]['content'] == ['crater', 'dune', 'rock field'][i % 3]
+        r_, g_ = int(images[r['image']][4, 4, 0]), int(images[r['image']][4, 4, 1])
+        assert r_ == 30 * i + 10 and g_ == (30 * i + 10 if i % 2 else 0)  # greyscale rows became grey RGB
+    # names by flag, checked against the number of classes
+    prepare('hf', '--dataset', tmp_path / 'mars', '--out_dir', out, '--image_size', '8', '--class_names', 'pit,sand,rocks')
+    assert json.load(open(out / 'meta.json'))['class_names'] == ['pit', 'sand', 'rocks']
+    assert {r['turns'][1]['content'] for r in records(out, 'test')} == {'pit', 'sand'}
+    with pytest.raises(SystemExit, match='--class_names has 2 names but .* has 3 classes'):
+        prepare('hf', '--dataset', tmp_path / 'mars', '--out_dir', out, '--class_names', 'pit,sand')
+
+
+def test_hf_missing_dataset_offline_is_one_line(tmp_path):
+    pytest.importorskip('datasets')
+    p = run([sys.executable, 'prepare_data.py', 'hf', '--dataset', 'no-such-user/no-such-dataset-glimpse',
+             '--out_dir', str(tmp_path / 'x')], env_extra={'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1'},
+            check=False)
+    assert p.returncode != 0 and 'Traceback' not in p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("data error: cannot load dataset 'no-such-user/no-such-dataset-glimpse'")
+
+
+# -----------------------------------------------------------------------------
+# conversations: where the loss is, and what happens when a sample is too long
+
+def test_multi_turn_loss_on_every_answer_and_nowhere_else():
+    turns = [{'role': 'user', 'content': '<image>\nwhat is it?'}, {'role': 'assistant', 'content': 'a red square'},
+             {'role': 'user', 'content': 'is it big?'}, {'role': 'assistant', 'content': 'no'},
+             {'role': 'user', 'content': 'and the color?'}, {'role': 'assistant', 'content': 'red'}]
+    tok = Tokenizer.build('word', [t['content'] for t in turns])
+    ids, targets, _, _, cut = encode_sample(tok, turns, 4, 256)
+    assert cut == 0
+    # walk the sequence: the predicted token (ids[t+1]) is supervised iff it is inside an assistant turn
+    role, want = None, []
+    for t in range(len(ids) - 1):
+        nxt = ids[t + 1]
+        if nxt in (tok.user_id, tok.assistant_id):
+            role = 'assistant' if nxt == tok.assistant_id else 'user'
+            want.append(False)
+        else:
+            want.append(role == 'assistant')  # the answer's words and its <|end|>
+    got = [x != IGNORE_INDEX for x in targets[:-1]]
+    assert got == want and targets[-1] == IGNORE_INDEX
+    answers = [tok.decode([x]) for x in targets if x != IGNORE_INDEX and x != tok.eot_id]
+    assert answers == ['a', 'red', 'square', 'no', 'red'] and targets.count(tok.eot_id) == 3
+
+
+class _Records:
+    def __init__(self, recs, size=8):
+        self.records, self.images = recs, np.zeros((len(recs), size, size, 3), np.uint8)
+
+
+def test_too_long_samples_are_truncated_by_turns_counted_never_dropped():
+    long_turns = [{'role': 'user', 'content': '<image>\nq0'}, {'role': 'assistant', 'content': 'a0'}]
+    for k in range(1, 6):
+        long_turns += [{'role': 'user', 'content': f'q{k}'}, {'role': 'assistant', 'content': f'a{k}'}]
+    huge = [{'role': 'user', 'content': '<image>\nq0'}, {'role': 'assistant', 'content': ' '.join(['a1'] * 50)}]
+    recs = [{'image': 0, 'turns': long_turns}, {'image': 1, 'turns': huge}, {'image': 2, 'turns': long_turns[:2]}]
+    tok = Tokenizer.build('word', [t['content'] for r in recs for t in r['turns']])
+    from collections import Counter
+    stats = Counter()
+    batch = collate(_Records(recs), [0, 1, 2], tok, 4, 20, stats)
+    assert batch['input_ids'].shape == (3, 20) and len(batch['images']) == 3 and stats['truncated'] == 2
+    ids = batch['input_ids'][0][batch['attention_mask'][0]].tolist()
+    # whole pairs only: the kept ones end with an answer and its <|end|>
+    assert tok.decode(ids).split() == ['q0', 'a0', 'q1', 'a1'] and ids[-1] == tok.eot_id  # 17 tokens, a third pair: 23
+    assert (batch['targets'][1] != IGNORE_INDEX).sum() > 0  # the over-long answer is cut, still trained on
+    assert stats['truncated'] == 2
+    with pytest.raises(SystemExit, match='max_seq_len=5'):
+        collate(_Records(recs), [2], tok, 4, 5, stats)
+
+
+# -----------------------------------------------------------------------------
+# the whole path: prepared non-shapes data trains, and --inspect shows it
+
+@pytest.fixture(scope='module')
+def cifar_shards(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('cifar')
+    make_cifar(tmp / 'cifar-10-batches-py', per_batch=8, n_test=8)
+    out = tmp / 'cifar'
+    prepare('cifar10', '--root', tmp / 'cifar-10-batches-py', '--out_dir', out, '--shards', '--val_fraction', '0.2')
+    return out
+
+
+def test_train_vlm_runs_on_prepared_cifar_shards(cifar_shards, tmp_path):
+    args = [sys.executable, 'train_vlm.py', f'--data_dir={cifar_shards}', *TINY, '--image_size=32', '--max_iters=4',
+            '--eval_interval=4', '--batch_size=8', '--warmup_iters=1', '--dtype=float32']
+    p = run(args + [f'--out_dir={tmp_path / "inline"}'])
+    assert 'iter 4: loss' in p.stdout and 'train 32, val 8' in p.stdout
+    assert 'held-out test accuracy on 8 questions' in p.stdout  # the class question on the test batch
+    assert json.load(open(tmp_path / 'inline' / 'test_accuracy.json'))['accuracy'].keys() == {'all', 'class'}
+    # shards decoded in two DataLoader workers: the same batches, so the same losses
+    run(args + [f'--out_dir={tmp_path / "workers"}', '--num_workers=2', '--test_at_end=False'])
+    losses = lambda d: [m['loss'] for m in map(json.loads, open(d / 'metrics.jsonl')) if 'loss' in m]
+    assert losses(tmp_path / 'inline') == losses(tmp_path / 'workers') and len(losses(tmp_path / 'inline')) == 4
+
+
+def test_inspect_prints_stats_and_writes_contact_sheet(cifar_shards, capsys):
+    prepare_data.main(['--inspect', str(cifar_shards)])
+    out = capsys.readouterr().out
+    assert "counts {'train': 32, 'val': 8, 'test': 8}" in out and 'storage shards' in out
+    assert 'answers:  32 texts' in out and 'what is in the image?' in out
+    sheet = Image.open(cifar_shards / 'contact_sheet.png')
+    assert sheet.size == (4 * 128, 4 * (128 + 48))
+
+
+def test_step_batches_follow_the_data_order_across_epochs():
+    from training import DataOrder, StepBatches
+    recs = [{'image': i, 'turns': [{'role': 'user', 'content': '<image>\nq'}, {'role': 'assistant', 'content': f'a{i}'}]}
+            for i in range(10)]
+    tok = Tokenizer.build('word', [t['content'] for r in recs for t in r['turns']])
+    order = DataOrder(10, 3, epoch=1, cursor=4)  # a resumed run, mid-epoch
+    steps = StepBatches(_Records(recs), DataOrder(10, 3, epoch=1, cursor=4), 3, 2, 2, 1, (tok, 1, 64, False))
+    for k in range(5):  # 12 samples a step: every step crosses or nears an epoch boundary
+        idx = order.take(12)
+        micro, _ = steps[k]
+        for m, b in enumerate(micro):  # rank 1 of 2, micro-step m: the slice inline training takes
+            want = idx[(m * 2 + 1) * 3:(m * 2 + 2) * 3]
+            assert [tok.decode([int(x)]) for x in b['targets'][b['targets'] > tok.eot_id]] == [f'a{i}' for i in want]
