@@ -17,8 +17,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from configurator import apply_config
-from model import VLM, Tokenizer, VLMConfig
-from training import autocast_context, load_checkpoint, pick_device, pick_dtype
+from model import Tokenizer
+from training import autocast_context, load_checkpoint, load_vlm, pick_device, pick_dtype
 
 out_dir = 'out/shapes'  # where train_vlm.py wrote ckpt.pt
 image = ''  # an image file, or a folder of them
@@ -58,9 +58,7 @@ if not os.path.exists(image):
 device = pick_device(device)
 amp = functools.partial(autocast_context, device.split(':')[0], pick_dtype(dtype, device.split(':')[0]))
 ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device)
-model = VLM(VLMConfig.from_dict(ckpt['model_config']))
-model.load_state_dict(ckpt['model'])
-model.to(device).eval()
+model = load_vlm(ckpt, device).eval()  # full weights, or base + adapters (LoRA runs)
 tok = Tokenizer.from_state(ckpt['tokenizer'])
 size = model.cfg.vision.image_size
 sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)

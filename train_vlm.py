@@ -19,16 +19,17 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
-from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
-from training import (DataOrder, VLMDataset, autocast_context, collate, load_checkpoint, lr_at, make_optimizer,
-                      measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint, 
+from model import IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
+from lora import DEFAULT_TARGETS, trained_state_dict
+from training import (DataOrder, VLMDataset, autocast_context, build_vlm, collate, load_checkpoint, lr_at,
+                      make_optimizer, measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint,
                       setup_distributed, seed_everything, val_loss, vlm_config)
 
 # -----------------------------------------------------------------------------
 # I/O
 out_dir = 'out/shapes'
 data_dir = 'data/shapes'
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or an earlier run's out_dir (its weights, fresh optimizer)
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
 image_size = 64
@@ -48,12 +49,28 @@ tie_embeddings = True
 tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
 max_seq_len = 256
 isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see training.pack_turns)
+# what trains: 'full', 'frozen', 'lora' or 'qlora' (LoRA over a 4-bit base) per component; the connector
+# always trains. Unless both are 'full', checkpoints hold only what was trained (see lora.py).
+vision_mode = 'full'
+llm_mode = 'full'
+lora_r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+lora_targets = DEFAULT_TARGETS  # regexes matched against module names (attention and MLP projections)
+rslora = False  # scale alpha / sqrt(r) instead of alpha / r
+qlora_quant_type = 'nf4'  # 'nf4' or 'fp4'
+qlora_double_quant = True  # quantise the 4-bit blocks' scales too (~0.4 bits/param saved)
+grad_checkpointing = False  # recompute decoder blocks in backward: less activation memory, ~30% more compute
 # optimisation
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
 max_iters = 2000
 learning_rate = 1e-3
 min_lr = 1e-4
+vision_lr = 0.0  # per-component peak learning rates; 0 = learning_rate (all follow the same schedule)
+connector_lr = 0.0
+llm_lr = 0.0
+optimizer = 'adamw'  # 'adamw', or on CUDA bitsandbytes' 'adamw8bit' or 'paged_adamw'
 warmup_iters = 100
 weight_decay = 0.1
 beta1 = 0.9
@@ -92,23 +109,26 @@ if master:
 train_set = VLMDataset(data_dir, 'train', max_samples)
 val_set = VLMDataset(data_dir, 'val')
 ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
-tok = Tokenizer.from_state(ckpt['tokenizer']) if ckpt else Tokenizer.build(tokenizer, train_set.texts())
+earlier = None if init_from in ('scratch', 'resume') else load_checkpoint(os.path.join(init_from, 'ckpt.pt'))
+tok = Tokenizer.from_state((ckpt or earlier)['tokenizer']) if ckpt or earlier else \
+    Tokenizer.build(tokenizer, train_set.texts())
 
 # model
-if ckpt:
-    model_cfg = VLMConfig.from_dict(ckpt['model_config'])
+if ckpt or earlier:
+    model_cfg = VLMConfig.from_dict((ckpt or earlier)['model_config'])
 else:
     model_cfg = vlm_config(config, tok)
-model = VLM(model_cfg).to(device)
-if ckpt:
-    model.load_state_dict(ckpt['model'])
+# modes, LoRA/QLoRA, a base to rebuild for partial checkpoints: see training.build_vlm
+model, base = build_vlm(model_cfg, config, device, ckpt, f'{out_dir}/ckpt.pt')
 raw_model = model
 n_img = model.num_image_tokens
 if master:
     print(f'parameters: {model.param_counts()}; {n_img} image tokens; vocab {tok.vocab_size}; '
           f'train {len(train_set)}, val {len(val_set)}; device {device}, dtype {dtype}, world {world_size}')
 
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
+lr_scales = {part: lr / learning_rate for part, lr in
+             (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales)
 order = DataOrder(len(train_set), seed)
 iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
 if ckpt:
@@ -138,7 +158,10 @@ def evaluate():
 
 
 def save(path):
-    save_checkpoint({'model': raw_state_dict(model), 'optimizer': optimizer.state_dict(),
+    # a run that trains only some parts saves those, and how to rebuild (and check) the base
+    partial = {'base': base} if base else {}
+    save_checkpoint({'model': trained_state_dict(raw_model) if base else raw_state_dict(model), **partial,
+                     'optimizer': optimizer.state_dict(),
                      'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(), 'config': config,
                      'iter_num': iter_num, 'best_val_loss': best_val, 'data_order': order.state(),
                      'train_time': train_time, 'rng': torch.get_rng_state()}, path)
@@ -155,7 +178,7 @@ flops_done = 0.0
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.0)
 
     if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
         loss, acc, n = evaluate()
