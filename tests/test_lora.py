@@ -161,9 +161,14 @@ def test_apply_lora_on_hf_llama_and_gpt2():
     assert relative_error(gpt2_q(ids).logits, ref) < 0.2
 
 
-def test_adamw8bit_on_cpu_is_refused_clearly():
+def test_per_component_learning_rates_and_adamw8bit_refused_on_cpu():
+    model = tiny_vlm()
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu', lr_scales={'llm': 0.1})
+    lr_of = {id(p): g['lr'] for g in opt.param_groups for p in g['params']}
+    for n, p in model.named_parameters():
+        assert lr_of[id(p)] == pytest.approx(1e-4 if n.startswith('llm') else 1e-3), n
     with pytest.raises(SystemExit, match='needs CUDA'):
-        make_optimizer(tiny_vlm(), 1e-3, 0.1, (0.9, 0.95), 'cpu', optimizer='adamw8bit')
+        make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu', optimizer='adamw8bit')
 
 
 def train(shapes_dir, out_dir, *extra):
@@ -193,9 +198,9 @@ def test_lora_and_qlora_runs_learn_save_adapters_only_resume_and_merge(shapes_di
             (losses, qlora_losses, frozen_losses)
     qlora_ckpt = load_checkpoint(tmp_path / 'qlora' / 'ckpt.pt')
     assert all('lora_' in k or k.startswith('connector') for k in qlora_ckpt['model']), list(qlora_ckpt['model'])
-    p = run([sys.executable, 'lora.py', 'merge', str(tmp_path / 'qlora'), str(tmp_path / 'q_merged')], check=False)
-    assert p.returncode != 0 and '--dequantize' in p.stderr
-    run([sys.executable, 'lora.py', 'merge', str(tmp_path / 'qlora'), str(tmp_path / 'q_merged'), '--dequantize'])
+    with pytest.raises(SystemExit, match='--dequantize'):
+        merge_lora(load_vlm(qlora_ckpt, 'cpu'))
+    assert not lora_modules(merge_lora(load_vlm(qlora_ckpt, 'cpu'), dequantize=True))
 
     ckpt = load_checkpoint(out / 'ckpt.pt')
     assert all('lora_' in k or k.startswith('connector') for k in ckpt['model']), list(ckpt['model'])
