@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from conftest import TINY, run
-from lora import LoRALinear, apply_lora, base_fingerprint, lora_modules, merge_lora, trained_state_dict
+from lora import apply_lora, lora_modules, merge_lora
 from model import VLM, ConnectorConfig, DecoderConfig, Tokenizer, ViTConfig, VLMConfig
 from training import load_checkpoint, load_vlm, make_optimizer
 
