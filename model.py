@@ -26,11 +26,14 @@ import math
 import os
 import re
 import tempfile
+from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets at prompt, image and padding positions
 
@@ -345,6 +348,18 @@ def attention_mask(key_valid, T, segment_ids=None):
     return mask | (k_idx == q_idx)
 
 
+def current_sdpa_backends():
+    b = torch.backends.cuda  # these flags also pick the CPU kernels
+    on = {SDPBackend.MATH: b.math_sdp_enabled(), SDPBackend.FLASH_ATTENTION: b.flash_sdp_enabled(),
+          SDPBackend.EFFICIENT_ATTENTION: b.mem_efficient_sdp_enabled(), SDPBackend.CUDNN_ATTENTION: b.cudnn_sdp_enabled()}
+    return [k for k, v in on.items() if v]
+
+
+def same_sdpa_backends(backends):
+    """checkpoint context_fn: the forward as it is, the recomputation with the forward's attention backends."""
+    return nullcontext(), sdpa_kernel(backends)
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
@@ -355,6 +370,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.grad_checkpointing = False  # recompute each block's activations in backward: less memory
 
     def new_cache(self):
         return KVCache(self.cfg.n_layer)
@@ -366,7 +382,13 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(positions, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta)
         mask = attention_mask(key_valid, x.shape[1], segment_ids)
         for layer in self.layers:
-            x = layer(x, cos, sin, mask, cache)
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                # non-reentrant: gradients reach the block's adapters even when x needs none (frozen
+                # embeddings). Autocast is replayed by checkpoint, the attention backend is not: do it here.
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
+                               context_fn=functools.partial(same_sdpa_backends, current_sdpa_backends()))
+            else:
+                x = layer(x, cos, sin, mask, cache)
         return self.norm(x)
 
 

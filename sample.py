@@ -18,8 +18,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from configurator import apply_config
-from model import VLM, Tokenizer, VLMConfig, cut_at
-from training import autocast_context, load_checkpoint, pick_device, pick_dtype
+from model import Tokenizer, cut_at
+from training import autocast_context, load_checkpoint, load_vlm, pick_device, pick_dtype
 
 out_dir = 'out/shapes'  # where train_vlm.py wrote its checkpoints
 checkpoint = 'ckpt.pt'  # in out_dir: ckpt.pt (latest), best.pt (lowest val loss) or weights.pt (weights only)
@@ -60,9 +60,7 @@ if image and not os.path.exists(image):
 device = pick_device(device)
 amp = functools.partial(autocast_context, device.split(':')[0], pick_dtype(dtype, device.split(':')[0]))
 ckpt = load_checkpoint(os.path.join(out_dir, checkpoint), device)
-model = VLM(VLMConfig.from_dict(ckpt['model_config']))
-model.load_state_dict(ckpt['model'])
-model.to(device).eval()
+model = load_vlm(ckpt, device).eval()  # full weights, or base + adapters (LoRA runs)
 tok = Tokenizer.from_state(ckpt['tokenizer'])
 size = None if model.cfg.vision.source else model.cfg.vision.image_size  # a pretrained tower resizes as its processor
 sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)

@@ -20,8 +20,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
-from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, load_pretrained_llm, training_flops_per_sample
-from training import (DataOrder, VLMDataset, autocast_context, caption_scores, load_checkpoint, lr_at,
+from model import IGNORE_INDEX, Tokenizer, VLMConfig, load_pretrained_llm, training_flops_per_sample
+from lora import DEFAULT_TARGETS, trained_state_dict
+from training import (DataOrder, VLMDataset, autocast_context, build_vlm, caption_scores, load_checkpoint, lr_at,
                       make_optimizer, measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy, raw_state_dict,
                       save_checkpoint, setup_distributed, seed_everything, step_batches, val_loss, vlm_config)
 
@@ -38,7 +39,6 @@ vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys), or a SigLIP, CLIP o
                     # Its preprocessor_config.json sets image size, resizing and mean/std.
 vision_layer = -1  # pretrained tower: which block's output feeds the connector (-1 last, -2 penultimate as in LLaVA)
 vision_cls = False  # pretrained tower: keep the class token among the features (CLIP, DINOv2; needs connector='mlp')
-vision_mode = 'full'  # 'full' trains the vision tower; 'frozen' keeps its weights and stores no activations for it
 image_size = 64
 patch_size = 8
 patch_overlap = 0  # each patch embedding also sees this many pixels of its neighbours
@@ -49,7 +49,6 @@ connector = 'pixel_shuffle'  # 'mlp' or 'pixel_shuffle'
 pixel_shuffle_factor = 2
 llm = 'scratch'  # 'scratch' (llm_* keys, built-in tokenizer), or a pretrained LLM with its tokenizer and chat
                  # template: a Hugging Face model directory, a model id in the Hugging Face cache, or a .gguf file
-llm_mode = 'full'  # 'full' or 'frozen' (no gradients, no optimizer state; the connector still trains through it)
 llm_layers = 4
 llm_width = 256
 llm_heads = 4
@@ -60,12 +59,30 @@ tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
 max_seq_len = 256
 isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see training.pack_turns)
 num_workers = 0  # DataLoader processes building batches ahead of the step (decoding --shards images); 0 = inline
+# what trains: 'full', 'frozen', 'lora' or 'qlora' (LoRA over a 4-bit base) per component; the connector
+# always trains. A frozen vision tower runs without autograd; a frozen LLM still carries gradients back to the
+# connector but keeps no weight gradients or optimizer state. Unless both are 'full', checkpoints hold only
+# what was trained (see lora.py).
+vision_mode = 'full'
+llm_mode = 'full'
+lora_r = 16
+lora_alpha = 32
+lora_dropout = 0.05
+lora_targets = DEFAULT_TARGETS  # regexes matched against module names (attention and MLP projections)
+rslora = False  # scale alpha / sqrt(r) instead of alpha / r
+qlora_quant_type = 'nf4'  # 'nf4' or 'fp4'
+qlora_double_quant = True  # quantise the 4-bit blocks' scales too (~0.4 bits/param saved)
+grad_checkpointing = False  # recompute decoder blocks in backward: less activation memory, ~30% more compute
 # optimisation
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
 max_iters = 2000
 learning_rate = 1e-3
 min_lr = 1e-4
+vision_lr = 0.0  # per-component peak learning rates; 0 = learning_rate (all follow the same schedule)
+connector_lr = 0.0
+llm_lr = 0.0
+optimizer = 'adamw'  # 'adamw', or on CUDA bitsandbytes' 'adamw8bit' or 'paged_adamw'
 warmup_iters = 100
 weight_decay = 0.1
 beta1 = 0.9
@@ -90,8 +107,6 @@ dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False
 seed = 1337
 config = apply_config(sys.argv[1:], globals())
-if vision_mode not in ('full', 'frozen'):
-    raise SystemExit(f"config error: --vision_mode={vision_mode!r}: use 'full' or 'frozen'")
 # -----------------------------------------------------------------------------
 
 ddp, rank, local_rank, world_size, device = setup_distributed(device)
@@ -108,38 +123,31 @@ if master:
 # data
 train_set = VLMDataset(data_dir, 'train', max_samples)
 val_set = VLMDataset(data_dir, 'val')
-if llm_mode not in ('full', 'frozen'):
-    raise SystemExit(f"config error: llm_mode={llm_mode!r}; use 'full' or 'frozen'")
 resume = init_from == 'resume'
-ckpt = None if init_from == 'scratch' else load_checkpoint(os.path.join(out_dir if resume else init_from, 'ckpt.pt'), device)
+ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if resume else None
+earlier = None if init_from in ('scratch', 'resume') else load_checkpoint(os.path.join(init_from, 'ckpt.pt'))
 
-# model (and tokenizer): from a checkpoint, from scratch, or around a pretrained LLM and/or vision tower
-if ckpt:
-    tok, model_cfg = Tokenizer.from_state(ckpt['tokenizer']), VLMConfig.from_dict(ckpt['model_config'])
-    model = VLM(model_cfg)
-    model.load_state_dict(ckpt['model'])
+# model and tokenizer: this run's checkpoint, an earlier stage's, or new (around the pretrained parts named)
+pretrained = None
+if ckpt or earlier:
+    tok = Tokenizer.from_state((ckpt or earlier)['tokenizer'])
+    model_cfg = VLMConfig.from_dict((ckpt or earlier)['model_config'])
 else:
-    tok, pretrained_llm = (Tokenizer.build(tokenizer, train_set.texts()), None) if llm == 'scratch' else \
+    tok, llm_module = (Tokenizer.build(tokenizer, train_set.texts()), None) if llm == 'scratch' else \
         load_pretrained_llm(llm)
-    model_cfg = vlm_config(config, tok, pretrained_llm)
-    vision_weights = pretrained_vision(config, model_cfg)  # None for 'scratch'
-    model = VLM(model_cfg, llm=pretrained_llm)
-    if vision_weights:
-        model.vision_tower.load_state_dict(vision_weights)
-model.to(device)
-model.vision_tower.requires_grad_(vision_mode == 'full')
-if llm_mode == 'frozen':
-    # No weight gradients or optimizer state for the LLM. Its activations are still kept where the backward
-    # pass to the connector needs them (the image embeddings enter at its input), but not the inputs of its
-    # linear layers, which only weight gradients need.
-    model.llm.requires_grad_(False)
+    model_cfg = vlm_config(config, tok, llm_module)
+    pretrained = (llm_module, pretrained_vision(config, model_cfg))  # vision weights: None for 'scratch'
+# modes (frozen, full, LoRA, QLoRA) and, for partial checkpoints, a base to rebuild: see training.build_vlm
+model, base = build_vlm(model_cfg, config, device, ckpt, f'{out_dir}/ckpt.pt', pretrained)
 raw_model = model
 n_img = model.num_image_tokens
 if master:
     print(f'parameters: {model.param_counts()}; {n_img} image tokens; vocab {tok.vocab_size}; '
           f'train {len(train_set)}, val {len(val_set)}; device {device}, dtype {dtype}, world {world_size}')
 
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
+lr_scales = {part: lr / learning_rate for part, lr in
+             (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales)
 order = DataOrder(len(train_set), seed)
 iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
 evals_since_best = 0  # for early stopping
@@ -185,7 +193,10 @@ def evaluate():
 
 
 def save(path):
-    save_checkpoint({'model': raw_state_dict(model), 'optimizer': optimizer.state_dict(),
+    # a run that trains only some parts saves those, and how to rebuild (and check) the base
+    partial = {'base': base} if base else {}
+    save_checkpoint({'model': trained_state_dict(raw_model) if base else raw_state_dict(model), **partial,
+                     'optimizer': optimizer.state_dict(),
                      'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(), 'config': config,
                      'iter_num': iter_num, 'best_val_loss': best_val, 'evals_since_best': evals_since_best,
                      'data_order': order.state(), 'train_time': train_time, 'rng': torch.get_rng_state()}, path)
@@ -204,7 +215,7 @@ flops_done = 0.0
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group.get('lr_scale', 1.0)
 
     stop = iter_num >= max_iters
     if iter_num % eval_interval == 0 or iter_num == max_iters:
@@ -288,11 +299,14 @@ while True:
 
 if master:
     print(f'{iter_num} iterations, {train_time / 60:.1f} min of training')
-    # weights only (no optimizer or data state): the best checkpoint's model, for sample.py and classify.py
+    # weights only (no optimizer or data state): the best checkpoint's model (or, for a LoRA run, what it
+    # trained and its base), for sample.py and classify.py
     best = os.path.join(out_dir, 'best.pt')
-    final = load_checkpoint(best, device) if os.path.exists(best) else {'model': raw_state_dict(model)}
+    final = load_checkpoint(best, device) if os.path.exists(best) else \
+        {'model': trained_state_dict(raw_model) if base else raw_state_dict(model), 'base': base}
     save_checkpoint({'model': final['model'], 'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(),
-                     'config': config}, os.path.join(out_dir, 'weights.pt'))
+                     'config': config, **({'base': final['base']} if final.get('base') else {})},
+                    os.path.join(out_dir, 'weights.pt'))
     print(f'saved {out_dir}/weights.pt (weights of ' + ('best.pt)' if os.path.exists(best) else 'the last step)'))
     if test_at_end:
         test_set = VLMDataset(data_dir, 'test')

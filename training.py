@@ -19,8 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from model import (IGNORE_INDEX, ConnectorConfig, DecoderConfig, HFCausalLM, Tokenizer, ViTConfig, VLMConfig,
-                   load_pretrained_vision)
+from lora import apply_lora, base_fingerprint, check_fingerprint, load_trained_state_dict, merge_lora
+from model import (IGNORE_INDEX, VLM, ConnectorConfig, DecoderConfig, HFCausalLM, Tokenizer, ViTConfig, VLMConfig,
+                   load_pretrained_llm, load_pretrained_vision)
 
 
 # -----------------------------------------------------------------------------
@@ -388,14 +389,117 @@ def lr_at(it, learning_rate, min_lr, warmup_iters, max_iters):
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def make_optimizer(model, learning_rate, weight_decay, betas, device_type):
-    """AdamW; weight decay on matrices only (not on norms, biases or learned positions)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and 'pos_embed' not in n]
-    decay_ids = {id(p) for p in decay}
-    no_decay = [p for p in params if id(p) not in decay_ids]
-    groups = [{'params': decay, 'weight_decay': weight_decay}, {'params': no_decay, 'weight_decay': 0.0}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+def make_optimizer(model, learning_rate, weight_decay, betas, device_type, optimizer='adamw', lr_scales=None):
+    """AdamW over the trainable parameters; weight decay on matrices only (not on norms, biases or learned
+    positions). lr_scales {'llm': 0.1, ...}: a component's learning rate relative to the schedule's
+    (each group keeps its 'lr_scale'). optimizer 'adamw8bit' / 'paged_adamw': bitsandbytes, CUDA only."""
+    groups = {}
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        scale = (lr_scales or {}).get(n.split('.')[0], 1.0)
+        decay = p.dim() >= 2 and 'pos_embed' not in n
+        g = groups.setdefault((scale, decay), {'params': [], 'weight_decay': weight_decay if decay else 0.0,
+                                               'lr_scale': scale, 'lr': learning_rate * scale})
+        g['params'].append(p)
+    groups = list(groups.values())
+    if optimizer == 'adamw':
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == 'cuda')
+    if optimizer not in ('adamw8bit', 'paged_adamw'):
+        raise SystemExit(f"config error: --optimizer={optimizer!r}: use 'adamw', 'adamw8bit' or 'paged_adamw'")
+    if device_type != 'cuda':
+        raise SystemExit(f"config error: --optimizer={optimizer} needs CUDA (bitsandbytes 8-bit and paged "
+                         f"optimizer states); on {device_type} use --optimizer=adamw")
+    import bitsandbytes as bnb
+    opt = bnb.optim.AdamW8bit if optimizer == 'adamw8bit' else bnb.optim.PagedAdamW
+    return opt(groups, lr=learning_rate, betas=betas)
+
+
+# -----------------------------------------------------------------------------
+# what trains: per component 'full', 'frozen', 'lora' or 'qlora'
+
+MODES = ('frozen', 'full', 'lora', 'qlora')
+
+
+def trains_everything(c):
+    return c.get('vision_mode', 'full') == c.get('llm_mode', 'full') == 'full'
+
+
+def load_pretrained_parts(c):
+    """(LLM module or None, vision tower state dict or None) for the pretrained parts config c names."""
+    llm = load_pretrained_llm(c['llm'])[1] if c.get('llm', 'scratch') != 'scratch' else None
+    vision = None
+    if c.get('vision', 'scratch') != 'scratch':
+        vision = load_pretrained_vision(c['vision'], c['vision_layer'], c['vision_cls'])[1]
+    return llm, vision
+
+
+def base_vlm(model_cfg, c, init_from, seed, device, pretrained=None):
+    """The model before any training of a run: seeded initial weights around the pretrained LLM and vision
+    tower that config c names, or the weights of the earlier run in the directory init_from (its adapters
+    merged). pretrained: those parts, when the caller has loaded them already."""
+    if init_from not in ('scratch', 'resume'):
+        earlier = merge_lora(load_vlm(load_checkpoint(os.path.join(init_from, 'ckpt.pt')), 'cpu'))
+        model = VLM(model_cfg)
+        model.load_state_dict(earlier.state_dict())
+        return model.to(device)
+    llm, vision = pretrained or load_pretrained_parts(c)
+    seed_everything(seed)  # after loading, which may draw random numbers: the same init on every rebuild
+    model = VLM(model_cfg, llm=llm)
+    if vision is not None:
+        model.vision_tower.load_state_dict(vision)
+    return model.to(device)
+
+
+def setup_modes(model, c):
+    """Freeze, train, or adapt with LoRA / QLoRA the vision tower and the LLM (c['vision_mode'],
+    c['llm_mode']); the connector always trains."""
+    for part, module in (('vision', model.vision_tower), ('llm', model.llm)):
+        mode = c.get(f'{part}_mode', 'full')
+        if mode not in MODES:
+            raise SystemExit(f"config error: --{part}_mode={mode!r}: use one of {', '.join(MODES)}")
+        if mode == 'frozen':
+            module.requires_grad_(False)
+        elif mode in ('lora', 'qlora'):
+            if mode == 'qlora' and c['qlora_quant_type'] not in ('nf4', 'fp4'):
+                raise SystemExit(f"config error: --qlora_quant_type={c['qlora_quant_type']!r}: use 'nf4' or 'fp4'")
+            apply_lora(module, c['lora_targets'], c['lora_r'], c['lora_alpha'], c['lora_dropout'], c['rslora'],
+                       quantize=c['qlora_quant_type'] if mode == 'qlora' else None,
+                       double_quant=c['qlora_double_quant'], compute_dtype=getattr(torch, c['dtype']))
+    if isinstance(model.llm, HFCausalLM):
+        if c.get('grad_checkpointing', False):  # the Hugging Face model's own block checkpointing
+            model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+    else:
+        model.llm.grad_checkpointing = c.get('grad_checkpointing', False)
+
+
+def build_vlm(model_cfg, c, device, ckpt=None, source='checkpoint', pretrained=None):
+    """The model of config c on device, set up per c's modes, with ckpt's weights if given. A run that
+    does not train everything saves only what it trained plus ckpt['base']: how to rebuild its base
+    (seeded init or an earlier run) and a fingerprint to check it against. Returns (model, base)."""
+    if ckpt and 'base' not in ckpt:  # full weights
+        if not trains_everything(c):
+            raise SystemExit(f'checkpoint error: {source} trained every part in full; resume it with --vision_mode=full '
+                             f'--llm_mode=full, or adapt it in a new run with --init_from=<its out_dir>')
+        model = VLM(model_cfg)
+        model.load_state_dict(ckpt['model'])
+        setup_modes(model.to(device), c)
+        return model, None
+    init_from = ckpt['base']['init_from'] if ckpt else c['init_from']
+    seed = ckpt['base']['seed'] if ckpt else c['seed']
+    model = base_vlm(model_cfg, c, 'scratch' if init_from == 'resume' else init_from, seed, device, pretrained)
+    base = None if trains_everything(c) else dict(base_fingerprint(model), init_from=init_from, seed=seed)
+    if ckpt:
+        check_fingerprint(ckpt['base'], base or base_fingerprint(model), source)
+    setup_modes(model, c)
+    if ckpt:
+        load_trained_state_dict(model, ckpt['model'], source)
+    return model, base
+
+
+def load_vlm(ckpt, device):
+    """The model of a checkpoint, as it was trained (LoRA adapters on a rebuilt base, or full weights)."""
+    return build_vlm(VLMConfig.from_dict(ckpt['model_config']), ckpt['config'], device, ckpt)[0]
 
 
 # -----------------------------------------------------------------------------
