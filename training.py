@@ -344,21 +344,18 @@ def step_batches(dataset, order, batch_size, grad_accum, world_size, rank, encod
 
 
 def vlm_config(c, tok, llm=None):
-    """The model of a training config (train_vlm.py's keys), for this tokenizer; llm: a pretrained Decoder or
+    """The model of a training config (train_vlm.py's keys), for this tokenizer. llm: a pretrained Decoder or
     HFCausalLM (load_pretrained_llm), whose config replaces the llm_* keys."""
-    if llm is not None:
-        hf = llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None
-        return dataclasses.replace(vlm_config(c, tok), llm=llm.cfg, hf_llm=hf, connector=ConnectorConfig(
-            kind=c['connector'], in_dim=c['vit_width'], out_dim=llm.cfg.n_embd, scale_factor=c['pixel_shuffle_factor']))
+    llm_cfg = llm.cfg if llm is not None else DecoderConfig(
+        vocab_size=tok.vocab_size, n_layer=c['llm_layers'], n_head=c['llm_heads'], n_kv_head=c['llm_kv_heads'],
+        n_embd=c['llm_width'], intermediate_size=c['llm_mlp_width'], tie_embeddings=c['tie_embeddings'])
     return VLMConfig(
         vision=ViTConfig(image_size=c['image_size'], patch_size=c['patch_size'], patch_overlap=c['patch_overlap'],
                          n_layer=c['vit_layers'], n_head=c['vit_heads'], n_embd=c['vit_width']),
-        connector=ConnectorConfig(kind=c['connector'], in_dim=c['vit_width'], out_dim=c['llm_width'],
+        connector=ConnectorConfig(kind=c['connector'], in_dim=c['vit_width'], out_dim=llm_cfg.n_embd,
                                   scale_factor=c['pixel_shuffle_factor']),
-        llm=DecoderConfig(vocab_size=tok.vocab_size, n_layer=c['llm_layers'], n_head=c['llm_heads'],
-                          n_kv_head=c['llm_kv_heads'], n_embd=c['llm_width'], intermediate_size=c['llm_mlp_width'],
-                          tie_embeddings=c['tie_embeddings']),
-        image_token_id=tok.image_token_id)
+        llm=llm_cfg, image_token_id=tok.image_token_id,
+        hf_llm=llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None)
 
 
 def pretrained_vision(c, model_cfg):

@@ -169,6 +169,18 @@ def test_chat_template_and_supervision(tmp_path):
     assert back.image_token_id == tok.image_token_id and back.eot_id == tok.eot_id
 
 
+def test_a_model_id_in_the_hugging_face_cache_resolves_offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+    snapshot = tmp_path / 'models--someone--tiny-llama' / 'snapshots' / ('0' * 40)
+    save_tiny('llama', snapshot)
+    (tmp_path / 'models--someone--tiny-llama' / 'refs').mkdir()
+    (tmp_path / 'models--someone--tiny-llama' / 'refs' / 'main').write_text('0' * 40)
+    monkeypatch.setattr(huggingface_hub.constants, 'HF_HUB_CACHE', str(tmp_path))
+    assert resolve_pretrained('someone/tiny-llama') == (str(snapshot), None)
+    tok, llm = load_pretrained_llm('someone/tiny-llama')
+    assert isinstance(llm, Decoder) and tok.vocab_size == 260
+
+
 def test_hub_id_not_on_the_machine_is_a_one_line_error(shapes_dir, tmp_path):
     with pytest.raises(SystemExit, match='hf download HuggingFaceTB/SmolLM2-135M-Instruct'):
         resolve_pretrained('HuggingFaceTB/SmolLM2-135M-Instruct')
