@@ -3,7 +3,6 @@ Plumbing shared by the training scripts (and read by sample.py): device and dist
 the dataset reader and batching, the data order, the learning-rate schedule, the optimizer,
 checkpoints, and evaluation.
 """
-import dataclasses
 import io
 import itertools
 import json
