@@ -183,10 +183,12 @@ class VisionTower(nn.Module):
 
 @dataclass
 class ConnectorConfig:
-    kind: str = 'pixel_shuffle'  # 'mlp' (LLaVA-1.5's 2-layer GELU MLP) or 'pixel_shuffle' (then the MLP)
+    kind: str = 'pixel_shuffle'  # 'mlp' (LLaVA-1.5's 2-layer GELU MLP), 'pixel_shuffle' (then the MLP), or
+    # 'bridge' (cross-attention from the text embeddings to the image features; no image tokens in the sequence)
     in_dim: int = 128
     out_dim: int = 256
     scale_factor: int = 2  # pixel_shuffle: s x s neighbouring patches become one token
+    n_head: int = 8  # bridge: attention heads
 
 
 class MLPProjector(nn.Module):
@@ -218,7 +220,42 @@ class PixelShuffleProjector(nn.Module):
         return self.mlp(x.reshape(B, N // s ** 2, s * s * C))
 
 
+class CrossAttentionBridge(nn.Module):
+    """Seed 002's bridge between a frozen vision tower and a frozen LLM: the image features are projected
+    to the LLM's width and every text embedding attends to them (pre-norm multi-head cross-attention, then
+    a feed-forward), each added through a tanh gate that starts at 0 (as Flamingo's gated cross-attention),
+    so at initialisation the LLM sees its own token embeddings unchanged."""
+
+    def __init__(self, in_dim, out_dim, n_head):
+        super().__init__()
+        if out_dim % n_head:
+            raise ValueError(f'bridge: LLM width {out_dim} is not divisible by n_head={n_head}')
+        self.n_head = n_head
+        self.proj = nn.Linear(in_dim, out_dim)
+        self.norm_kv = nn.LayerNorm(out_dim)
+        self.norm_q = nn.LayerNorm(out_dim)
+        self.q = nn.Linear(out_dim, out_dim)
+        self.kv = nn.Linear(out_dim, 2 * out_dim)
+        self.o = nn.Linear(out_dim, out_dim)
+        self.norm_ff = nn.LayerNorm(out_dim)
+        self.ff = nn.Sequential(nn.Linear(out_dim, 4 * out_dim), nn.GELU(), nn.Linear(4 * out_dim, out_dim))
+        self.gate_attn = nn.Parameter(torch.zeros(1))
+        self.gate_ff = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, features):  # x (B, T, C) text embeddings; features (B, N, C_vision)
+        B, T, C = x.shape
+        h = self.n_head
+        k, v = self.kv(self.norm_kv(self.proj(features))).split(C, dim=-1)  # (B, N, C) each
+        q = self.q(self.norm_q(x)).view(B, T, h, C // h).transpose(1, 2)  # (B, h, T, C/h)
+        k, v = (t.view(B, -1, h, C // h).transpose(1, 2) for t in (k, v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, T, C)
+        x = x + torch.tanh(self.gate_attn) * self.o(a)
+        return x + torch.tanh(self.gate_ff) * self.ff(self.norm_ff(x))
+
+
 def build_connector(cfg: ConnectorConfig):
+    if cfg.kind == 'bridge':
+        return CrossAttentionBridge(cfg.in_dim, cfg.out_dim, cfg.n_head)
     if cfg.kind == 'mlp':
         return MLPProjector(cfg.in_dim, cfg.out_dim)
     if cfg.kind == 'pixel_shuffle':
@@ -444,30 +481,34 @@ class VLM(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.llm.n_layer))
             elif name.endswith(('proj.weight', 'fc2.weight')) and name.startswith('vision_tower'):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.vision.n_layer))
+        self.bridge = cfg.connector.kind == 'bridge'  # image features enter by cross-attention, not as tokens
         with torch.no_grad():
-            self.num_image_tokens = self.connector(torch.zeros(1, self.vision_tower.num_tokens,
-                                                               cfg.vision.n_embd)).shape[1]
+            self.num_image_tokens = 0 if self.bridge else self.connector(
+                torch.zeros(1, self.vision_tower.num_tokens, cfg.vision.n_embd)).shape[1]
 
     def param_counts(self):
         count = lambda m: sum(p.numel() for p in m.parameters())
         return {'vision_tower': count(self.vision_tower), 'connector': count(self.connector),
                 'llm': count(self.llm), 'total': count(self)}
 
-    def image_embeddings(self, images):  # (B, H, W, 3) uint8 -> (B, N', C)
+    def image_embeddings(self, images):  # (B, H, W, 3) uint8 -> (B, N', C); the bridge: features (B, N, C_vision)
         # a frozen tower runs without autograd: no activations are kept for a backward that stops at the connector
         trains = any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trains):
             features = self.vision_tower(images)
-        return self.connector(features)
+        return features if self.bridge else self.connector(features)
 
     def embed(self, input_ids, images=None, image_embeds=None):
-        """Token embeddings with the image embeddings written over the <image> placeholders."""
+        """Token embeddings with the image embeddings written over the <image> placeholders (or, with
+        the bridge, every token embedding attending to the image features)."""
         x = self.llm.embed_tokens(input_ids)  # (B, T, C)
         is_image = input_ids == self.cfg.image_token_id
         if images is None and image_embeds is None:
             return x
         if image_embeds is None:
             image_embeds = self.image_embeddings(images)
+        if self.bridge:
+            return self.connector(x, image_embeds.to(x.dtype))
         if is_image.sum() != image_embeds.shape[0] * image_embeds.shape[1]:
             raise ValueError(f'{int(is_image.sum())} <image> placeholders in the batch but '
                              f'{image_embeds.shape[0]} x {image_embeds.shape[1]} image embeddings')
@@ -517,6 +558,8 @@ class VLM(nn.Module):
             mask = torch.cat([mask, torch.ones_like(nxt[:, None], dtype=torch.bool)], dim=1)
             if use_cache:
                 x = self.llm.embed_tokens(nxt[:, None])
+                if self.bridge and image_embeds is not None:
+                    x = self.connector(x, image_embeds.to(x.dtype))
                 positions = positions[:, -1:] + 1
             else:
                 x = self.embed(ids, image_embeds=image_embeds)

@@ -45,8 +45,9 @@ patch_overlap = 0  # each patch embedding also sees this many pixels of its neig
 vit_layers = 4
 vit_width = 128
 vit_heads = 4
-connector = 'pixel_shuffle'  # 'mlp' or 'pixel_shuffle'
+connector = 'pixel_shuffle'  # 'mlp', 'pixel_shuffle', or 'bridge' (text attends to the image; seed 002)
 pixel_shuffle_factor = 2
+bridge_heads = 8  # connector='bridge': cross-attention heads
 llm = 'scratch'  # 'scratch' (llm_* keys, built-in tokenizer), or a pretrained LLM with its tokenizer and chat
                  # template: a Hugging Face model directory, a model id in the Hugging Face cache, or a .gguf file
 llm_layers = 4

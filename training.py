@@ -207,7 +207,7 @@ def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
     for k in range(0, len(turns) - 1, 2):
         q = turns[k]['content'] if k == 0 else '<image>\n' + turns[k]['content']
         one, one_sup = tokenizer.encode_chat([{'role': 'user', 'content': q}, turns[k + 1]], num_image_tokens)
-        p = max(i for i, t in enumerate(one) if t == tokenizer.image_token_id) + 1
+        p = max((i + 1 for i, t in enumerate(one) if t == tokenizer.image_token_id), default=0)  # 0: bridge
         if ids is None:
             ids, sup, pos, seg = one[:p], one_sup[:p], list(range(p)), [0] * p
         ids, sup = ids + one[p:], sup + one_sup[p:]
@@ -352,7 +352,7 @@ def vlm_config(c, tok, llm=None):
         vision=ViTConfig(image_size=c['image_size'], patch_size=c['patch_size'], patch_overlap=c['patch_overlap'],
                          n_layer=c['vit_layers'], n_head=c['vit_heads'], n_embd=c['vit_width']),
         connector=ConnectorConfig(kind=c['connector'], in_dim=c['vit_width'], out_dim=llm_cfg.n_embd,
-                                  scale_factor=c['pixel_shuffle_factor']),
+                                  scale_factor=c['pixel_shuffle_factor'], n_head=c['bridge_heads']),
         llm=llm_cfg, image_token_id=tok.image_token_id,
         hf_llm=llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None)
 

@@ -198,3 +198,31 @@ def test_isolated_turns_score_each_answer_as_if_asked_alone():
     assert abs(float(model(torch.tensor([chained[0]]), img, targets=torch.tensor([chained[1]]))) - float(alone)) > 1e-4
     assert sum(t != -100 for t in tg) == sum(t != -100 for t in chained[1])
     assert pack_turns(tok, turns, n, True)[0].count(tok.image_token_id) == n  # the image once
+
+
+def open_bridge_gates(model, value=0.5):
+    with torch.no_grad():
+        model.connector.gate_attn.fill_(value)
+        model.connector.gate_ff.fill_(value)
+
+
+def test_bridge_starts_as_the_identity_and_then_sees_the_image():
+    model, tok = tiny_vlm('bridge')
+    assert model.num_image_tokens == 0
+    ids, sup = tok.encode_chat(conversation(), model.num_image_tokens)
+    assert tok.image_token_id not in ids and any(sup)
+    ids = torch.tensor([ids, ids])
+    text_only = model(ids)
+    assert torch.equal(model(ids, images(2)), text_only)  # gates at 0: the LLM sees its own embeddings
+    open_bridge_gates(model)
+    seen = model(ids, images(2))
+    assert not torch.allclose(seen, text_only) and not torch.allclose(seen[0], seen[1])
+
+
+def test_bridge_kv_cache_generation_equals_recomputation():
+    model, tok = tiny_vlm('bridge')
+    open_bridge_gates(model)
+    prompts = [tok.encode_chat(conversation()[:k], model.num_image_tokens, True)[0] for k in (1, 3)]
+    ids, mask = left_pad(prompts, tok.pad_id)
+    outs = [model.generate(ids, images(2), mask, max_new_tokens=10, use_cache=c) for c in (True, False)]
+    assert torch.equal(outs[0], outs[1])

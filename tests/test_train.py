@@ -47,6 +47,18 @@ def test_tiny_training_run_loss_falls_and_reports_accuracy(shapes_dir, tmp_path)
     assert all(torch.equal(exported['model'][k], v) for k, v in best['model'].items())
 
 
+def test_bridge_connector_trains(shapes_dir, tmp_path):
+    # frozen vision tower, trainable LLM and bridge; no image tokens in the sequence, turns isolated
+    train(shapes_dir, tmp_path, '--connector=bridge', '--bridge_heads=4', '--vision_mode=frozen', '--max_iters=30',
+          '--eval_interval=30', '--batch_size=16', '--learning_rate=3e-3', '--warmup_iters=2', '--isolate_turns=True',
+          '--test_at_end=False', '--eval_questions=8')
+    losses = train_losses(tmp_path)
+    assert losses[30] < 0.75 * losses[1], losses
+    ckpt = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    assert ckpt['model']['connector.gate_attn'].abs() > 0  # the gate to the image is trained
+    assert not any(k.startswith('vision_tower.') for k in ckpt['model'])  # frozen, not saved
+
+
 def test_early_stopping(shapes_dir, tmp_path):
     # learning rate 0: the val loss never improves on the first eval, so patience 2 stops at the second eval after it
     p = train(shapes_dir, tmp_path, '--max_iters=100', '--eval_interval=2', '--learning_rate=0.0', '--min_lr=0.0',
