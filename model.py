@@ -392,9 +392,10 @@ def current_sdpa_backends():
     return [k for k, v in on.items() if v]
 
 
-def same_sdpa_backends(backends):
-    """checkpoint context_fn: the forward as it is, the recomputation with the forward's attention backends."""
-    return nullcontext(), sdpa_kernel(backends)
+def checkpoint_context():
+    """checkpoint's context_fn, called at each forward: the forward as it is, the recomputation with the
+    forward's attention backends (checkpoint replays autocast, not sdpa_kernel)."""
+    return nullcontext(), sdpa_kernel(current_sdpa_backends())
 
 
 class Decoder(nn.Module):
@@ -422,8 +423,7 @@ class Decoder(nn.Module):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # non-reentrant: gradients reach the block's adapters even when x needs none (frozen
                 # embeddings). Autocast is replayed by checkpoint, the attention backend is not: do it here.
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False,
-                               context_fn=functools.partial(same_sdpa_backends, current_sdpa_backends()))
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False, context_fn=checkpoint_context)
             else:
                 x = layer(x, cos, sin, mask, cache)
         return self.norm(x)

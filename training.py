@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from lora import apply_lora, base_fingerprint, check_fingerprint, load_trained_state_dict, merge_lora
 from model import (IGNORE_INDEX, VLM, ConnectorConfig, DecoderConfig, HFCausalLM, Tokenizer, ViTConfig, VLMConfig,
-                   load_pretrained_llm, load_pretrained_vision)
+                   checkpoint_context, load_pretrained_llm, load_pretrained_vision)
 
 
 # -----------------------------------------------------------------------------
@@ -464,7 +464,8 @@ def setup_modes(model, c):
                        double_quant=c['qlora_double_quant'], compute_dtype=getattr(torch, c['dtype']))
     if isinstance(model.llm, HFCausalLM):
         if c.get('grad_checkpointing', False):  # the Hugging Face model's own block checkpointing
-            model.llm.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+            model.llm.model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={'use_reentrant': False, 'context_fn': checkpoint_context})
     else:
         model.llm.grad_checkpointing = c.get('grad_checkpointing', False)
 

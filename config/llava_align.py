@@ -1,0 +1,26 @@
+# Seed 003 (Prismatic), stage 1 "align": SigLIP@384 and Phi-2 both frozen, only the MLP projector trains,
+# on the LLaVA-1.5 pretraining captions (558k).
+#   python prepare_data.py llava --json blip_laion_cc_sbu_558k.json --images llava_pretrain/images \
+#       --image_size 384 --shards --out_dir data/llava_558k
+#   torchrun --standalone --nproc_per_node=8 train_vlm.py config/llava_align.py
+# then config/llava_finetune.py. Weights: google/siglip-so400m-patch14-384 and microsoft/phi-2 (Hugging Face
+# cache or local directories via --vision=... --llm=...).
+out_dir = 'out/llava_align'
+data_dir = 'data/llava_558k'
+num_workers = 4
+vision = 'google/siglip-so400m-patch14-384'
+vision_mode = 'frozen'
+connector = 'mlp'  # 729 image tokens
+llm = 'microsoft/phi-2'
+llm_mode = 'frozen'
+max_seq_len = 1024
+batch_size = 32  # per GPU: 8 GPUs = 256 a step, as Prismatic's align stage
+max_iters = 2180  # one epoch of 558k
+learning_rate = 1e-3
+min_lr = 0.0
+warmup_iters = 65  # 3% of the steps
+weight_decay = 0.0
+eval_interval = 500
+eval_questions = 200
+test_at_end = False
+compile = True
