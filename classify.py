@@ -574,6 +574,7 @@ def main():
     names = source.class_names
     if mode in ('score', 'generate') and not names:
         raise SystemExit('config error: no class names: give --classes="cat,dog,..." (or a meta.json with class_names)')
+    alias_map = parse_aliases(aliases, names)  # a bad alias stops the run before the model loads
     torch.manual_seed(seed)
     model = load_model(out_dir, hf_model, device, dtype, trust_remote_code)
     gen = torch.Generator(device=model.device).manual_seed(seed) if temperature > 0 and not hf_model else None
@@ -593,7 +594,7 @@ def main():
         print(f'{path}: {before} rows were already there, {added} added')
         return
     print(f"classes: {', '.join(names)}; prompt: {build_prompt(names, tmpl, reasoning)!r}")
-    classify(model, source, names, parse_aliases(aliases, names), mode, sys_text, tmpl, reasoning, batch_size,
+    classify(model, source, names, alias_map, mode, sys_text, tmpl, reasoning, batch_size,
              results_dir, max_new_tokens, gen, **sampling)
 
 
