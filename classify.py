@@ -261,8 +261,8 @@ class HFModel:
             messages.append({'role': 'assistant', 'content': [{'type': 'text', 'text': answer}]})
         return self.processor.apply_chat_template(messages, add_generation_prompt=answer is None, tokenize=False)
 
-    def inputs(self, texts, images):
-        self.tokenizer.padding_side = 'left'
+    def inputs(self, texts, images, padding_side='left'):
+        self.tokenizer.padding_side = padding_side
         batch = self.processor(text=texts, images=[[to_pil(im)] for im in images], return_tensors='pt', padding=True)
         return batch.to(self.device)
 
@@ -279,7 +279,8 @@ class HFModel:
     @torch.no_grad()
     def score(self, images, prompt, answers, system=''):
         """As GlimpseModel.score: (B, K) mean log-probability of each answer's tokens (the template's
-        text after the generation prompt, end-of-turn included). Rows are image-major: (b, k) -> b*K + k."""
+        text after the generation prompt, end-of-turn included). Rows are image-major: (b, k) -> b*K + k.
+        Each row is the full sequence; the images are processed K times (simple, not the fastest)."""
         head = self.chat_text(prompt, system)
         tails = []
         for a in answers:
@@ -289,15 +290,15 @@ class HFModel:
                                  'score mode needs it to')
             tails.append(full[len(head):])
         B, K = len(images), len(answers)
-        n_head = self.inputs([head], images[:1])['input_ids'].shape[1]
-        batch = self.inputs([head + t for _ in images for t in tails], [im for im in images for _ in answers])
-        ids, mask = batch['input_ids'], batch['attention_mask'].bool()  # (B*K, S), left-padded
+        # the prompt's length can depend on the image (Qwen2-VL: image tokens by image size)
+        n_head = torch.tensor([self.inputs([head], [im])['input_ids'].shape[1] for im in images for _ in answers])
+        # right-padded, so every row has the positions it would have alone
+        batch = self.inputs([head + t for _ in images for t in tails], [im for im in images for _ in answers], 'right')
+        ids, mask = batch['input_ids'], batch['attention_mask'].bool()  # (B*K, S)
         logp = self.model(**batch).logits[:, :-1].float().log_softmax(-1)
         tok_logp = logp.gather(-1, ids[:, 1:, None])[..., 0]  # (B*K, S-1): log p of token t+1
-        lengths = mask.sum(1)  # a row's tokens are its last `lengths` positions
-        S = ids.shape[1]
-        pos = torch.arange(1, S, device=ids.device)[None]
-        in_answer = pos >= (S - lengths + n_head)[:, None]  # after the row's own prompt
+        pos = torch.arange(1, ids.shape[1], device=ids.device)[None]
+        in_answer = (pos >= n_head.to(ids.device)[:, None]) & mask[:, 1:]
         score = (tok_logp * in_answer).sum(1) / in_answer.sum(1)
         return score.view(B, K).cpu()
 

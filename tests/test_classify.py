@@ -144,11 +144,12 @@ def test_hugging_face_vlm(shapes_dir, tmp_path):
     model = classify.load_model(hf_model=str(tmp_path / 'idefics3'), device='cpu', dtype='float32')
     images = list(np.load(os.path.join(shapes_dir, 'images.npy'))[:2])
     prompt, system = 'what shape is the large object?', 'be brief.'
-    scores = model.score(images, prompt, SHAPES, system)  # (2, 5) from one left-padded batch
+    answers = SHAPES + ['large square']  # answers of different lengths, so the batch is padded
+    scores = model.score(images, prompt, answers, system)  # (2, 6) from one batch
     head = model.chat_text(prompt, system)
     for b in range(2):
         seqs = []
-        for c in SHAPES:
+        for c in answers:
             batch = model.inputs([model.chat_text(prompt, system, c)], [images[b]])
             ids = batch['input_ids'][0].tolist()
             n_head = model.inputs([head], [images[b]])['input_ids'].shape[1]
