@@ -53,18 +53,20 @@ def test_score_equals_one_class_at_a_time(tiny_run, shapes_dir, tmp_path):
     model = classify.load_model(tiny_run, device='cpu', dtype='float32')
     images = np.load(os.path.join(shapes_dir, 'images.npy'))[:3]
     prompt = 'what shape is the large object?'
-    scores = model.score(list(images), prompt, SHAPES)  # (3, 5), one batched pass
+    answers = SHAPES + ['a large square']  # answers of different lengths, so the batch is padded
+    scores = model.score(list(images), prompt, answers)  # (3, 6), one batched pass
     m, tok = model.model, model.tok
     turns = [{'role': 'user', 'content': '<image>\n' + prompt}]
     for b in range(3):
         seqs = [(*tok.encode_chat(turns + [{'role': 'assistant', 'content': c}], m.num_image_tokens), None)
-                for c in SHAPES]
+                for c in answers]
         with torch.no_grad():
             ref = reference_scores(lambda ids, _: m(torch.tensor([ids]), torch.from_numpy(images[b:b + 1])), seqs)
         assert torch.allclose(scores[b], torch.tensor(ref), atol=1e-4), (scores[b], ref)
     # predict: argmax and softmax confidence; a PNG path gives the same as the array
     label, conf, text = classify.predict(model, images[0], SHAPES, template=prompt)
-    assert label == SHAPES[int(scores[0].argmax())] and conf == pytest.approx(float(scores[0].softmax(-1).max()), abs=1e-5)
+    assert label == SHAPES[int(scores[0, :5].argmax())]
+    assert conf == pytest.approx(float(scores[0, :5].softmax(-1).max()), abs=1e-5)
     from PIL import Image
     Image.fromarray(images[0]).save(str(tmp_path / 'x.png'))
     assert classify.predict(model, str(tmp_path / 'x.png'), SHAPES, template=prompt)[0] == label
