@@ -545,7 +545,10 @@ class VLM(nn.Module):
         done = torch.zeros(ids.shape[0], dtype=torch.bool, device=ids.device)
         for _ in range(max_new_tokens):
             h = self.llm(x, positions, mask, cache)
-            logits = self.llm.lm_head(h[:, -1]).float()  # (B, V)
+            # logits in float32 even under autocast: bf16 rounds logits near 25 to steps of 0.125, and greedy
+            # choices flip between near-ties (SmolLM2 answered 'L'Étoile' instead of 'The capital ... Paris.')
+            with torch.autocast(h.device.type, enabled=False):
+                logits = self.llm.lm_head(h[:, -1].to(self.llm.embed_tokens.weight.dtype)).float()  # (B, V)
             logits[:, self.cfg.image_token_id] = float('-inf')  # a placeholder is never an answer
             nxt = sample_next(logits, temperature, top_k, top_p, generator)
             if eos_id is not None:
