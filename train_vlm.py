@@ -21,8 +21,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_config
 from model import VLM, IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
 from training import (DataOrder, VLMDataset, autocast_context, collate, load_checkpoint, lr_at, make_optimizer,
-                      measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint, 
-                      setup_distributed, seed_everything, val_loss, vlm_config)
+                      measure_peak_flops, pick_dtype, qa_accuracy, raw_state_dict, save_checkpoint,
+                      setup_distributed, siglip_vision_tower, seed_everything, val_loss, vlm_config)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -31,6 +31,8 @@ data_dir = 'data/shapes'
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
+vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys) or a train_siglip.py out_dir (its ViT and weights)
+vision_mode = 'full'  # 'full' trains the vision tower, 'frozen' keeps its weights
 image_size = 64
 patch_size = 8
 patch_overlap = 0  # each patch embedding also sees this many pixels of its neighbours
@@ -99,9 +101,17 @@ if ckpt:
     model_cfg = VLMConfig.from_dict(ckpt['model_config'])
 else:
     model_cfg = vlm_config(config, tok)
+    if vision != 'scratch':  # the stage-1 tower replaces the vit_* keys
+        model_cfg.vision, vision_weights = siglip_vision_tower(vision)
+        model_cfg.connector.in_dim = model_cfg.vision.n_embd
 model = VLM(model_cfg).to(device)
 if ckpt:
     model.load_state_dict(ckpt['model'])
+elif vision != 'scratch':
+    model.vision_tower.load_state_dict(vision_weights)
+if vision_mode not in ('full', 'frozen'):
+    raise SystemExit(f"config error: vision_mode='{vision_mode}'; use 'full' or 'frozen'")
+model.vision_tower.requires_grad_(vision_mode == 'full')
 raw_model = model
 n_img = model.num_image_tokens
 if master:

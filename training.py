@@ -286,6 +286,23 @@ def load_checkpoint(path, device='cpu'):
     return torch.load(path, map_location=device, weights_only=True)
 
 
+def siglip_vision_tower(out_dir):
+    """(ViTConfig, weights) of the image tower of a train_siglip.py run, for train_vlm.py's vision=<out_dir>."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise SystemExit(f"vision error: {path} not found; vision= takes 'scratch' or the out_dir of a "
+                         f"train_siglip.py run")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    cfg = ckpt.get('model_config', {})
+    if 'image_tower' not in cfg:
+        raise SystemExit(f'vision error: {path} was not written by train_siglip.py (no image_tower in its model_config)')
+    if cfg['image_tower'] != 'vit':
+        raise SystemExit(f"vision error: {path} holds a {cfg['image_tower']} image tower; the VLM takes a ViT one "
+                         f"(train_siglip.py --image_tower=vit)")
+    weights = {k[len('vision_tower.'):]: v for k, v in ckpt['model'].items() if k.startswith('vision_tower.')}
+    return ViTConfig(**cfg['vision']), weights
+
+
 def raw_state_dict(model):
     """The weights without the '_orig_mod.' (torch.compile) or 'module.' (DDP) prefixes."""
     model = getattr(model, 'module', model)
