@@ -7,6 +7,7 @@ Every module of glimpse, in plain PyTorch:
     VLM           image embeddings spliced in place of <image> placeholders; loss on answers only;
                   generate() with a KV cache
     Tokenizer     the built-in word/byte tokenizer and its chat template
+    SigLIP        stage 1: image tower + text tower (byte transformer or frozen encoder), siglip_loss
 
                  images (B, H, W, 3) uint8
                           |

@@ -15,6 +15,6 @@ batch_size = 64
 max_iters = 1000
 learning_rate = 1e-3
 min_lr = 1e-4
-warmup_iters = 50
+warmup_iters = 100  # full-rate early steps from the paper's initial logits collapse both towers (README)
 eval_interval = 100
 eval_samples = 500
