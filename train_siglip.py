@@ -265,7 +265,9 @@ def evaluate():
         out = {'val_loss': sum(siglip_loss(img[s:s + batch_size], txt[s:s + batch_size], raw_model.log_t,
                                            raw_model.bias).item() * len(img[s:s + batch_size])
                                for s in range(0, len(img), batch_size)) / len(img)}
-        same = torch.tensor([[a == b for b in caps] for a in caps], device=img.device)
+        ids = {}
+        cap_id = torch.tensor([ids.setdefault(c, len(ids)) for c in caps], device=img.device)
+        same = cap_id[:, None] == cap_id[None, :]  # (N, N): the same caption text
         sim = img @ txt.T
         for k in (1, 5):
             out[f'i2t_r{k}'] = recall_at(sim, same, k)
