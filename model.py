@@ -8,6 +8,7 @@ Every module of glimpse, in plain PyTorch:
     VLM           image embeddings spliced in place of <image> placeholders; loss on answers only;
                   generate() with a KV cache
     Tokenizer     the built-in word/byte tokenizer and its chat template
+    SigLIP        stage 1: image tower + text tower (byte transformer or frozen encoder), siglip_loss
 
                  images (B, H, W, 3) uint8
                           |
@@ -91,10 +92,10 @@ class ViTBlock(nn.Module):
             self.ls1 = nn.Parameter(torch.full((C,), cfg.layer_scale))
             self.ls2 = nn.Parameter(torch.full((C,), cfg.layer_scale))
 
-    def forward(self, x):  # (B, N, C)
+    def forward(self, x, mask=None):  # x (B, N, C); mask (B, 1, 1, N) bool of real tokens, for text
         B, N, C = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(B, N, 3, self.n_head, C // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v)  # (B, h, N, hd), every patch sees every patch
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, h, N, hd), every token sees every token
         y = self.proj(y.transpose(1, 2).reshape(B, N, C))
         x = x + (y * self.ls1 if hasattr(self, 'ls1') else y)
         y = self.fc2(self.act(self.fc1(self.ln2(x))))
@@ -1146,3 +1147,194 @@ def load_pretrained_vision(source, layer=-1, keep_cls=False):
     if left:
         raise SystemExit(f'vision error: {len(left)} tensors of {model_dir} not mapped, e.g. {left[0]}')
     return cfg, state
+
+
+# -----------------------------------------------------------------------------
+# SigLIP (stage 1, train_siglip.py): an image tower and a text tower meet in a shared embedding
+# space, trained with the sigmoid loss of Zhai et al. 2023. The image tower then feeds the VLM.
+
+@dataclass
+class TextConfig:
+    """The small trainable text tower: byte tokens, a bidirectional pre-norm transformer, mean pooling."""
+    vocab_size: int = 263  # the byte tokenizer's: 7 specials + 256 bytes
+    max_len: int = 192
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    mlp_ratio: float = 4.0
+    norm_eps: float = 1e-6
+    act: str = 'gelu'  # the ViTBlock fields it shares with ViTConfig
+    layer_scale: float = 0.0
+
+
+def masked_mean(x, mask):  # x (B, T, C), mask (B, T) bool -> (B, C): the mean over real tokens
+    m = mask[..., None].to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1)
+
+
+class TextTower(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_embed = nn.Parameter(torch.randn(1, cfg.max_len, cfg.n_embd) * 0.02)
+        self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layer))  # ViTBlock has the fields it needs
+        self.ln_post = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
+
+    def forward(self, ids, mask):  # ids (B, T), mask (B, T) bool -> (B, C)
+        x = self.tok_embed(ids) + self.pos_embed[:, :ids.shape[1]]
+        for block in self.blocks:
+            x = block(x, mask[:, None, None, :])  # no token attends to padding
+        return masked_mean(self.ln_post(x), mask)
+
+
+class ResNetTower(nn.Module):
+    """torchvision's ResNet-50 from scratch (seed 000's image tower), globally average-pooled: (B, 2048)."""
+
+    def __init__(self, image_mean, image_std):
+        super().__init__()
+        import torchvision  # only this tower needs it
+        self.net = torchvision.models.resnet50(weights=None)
+        self.net.fc = nn.Identity()
+        self.register_buffer('mean', torch.tensor(image_mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer('std', torch.tensor(image_std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def forward(self, images):  # (B, H, W, 3) uint8
+        return self.net((images.permute(0, 3, 1, 2).float() - self.mean) / self.std)
+
+
+@dataclass
+class SigLIPConfig:
+    image_tower: str = 'vit'  # 'vit' (glimpse's VisionTower, mean-pooled) or 'resnet50'
+    vision: ViTConfig = field(default_factory=ViTConfig)  # also gives the ResNet its image mean/std
+    text_tower: str = 'byte'  # 'byte' (TextTower, trained) or 'frozen' (features of a frozen encoder)
+    text: TextConfig = field(default_factory=TextConfig)
+    text_feature_dim: int = 0  # 'frozen': the width of the frozen encoder's features
+    embed_dim: int = 128
+    init_logit_scale: float = 10.0  # the paper's t = exp(t') = 10 and b = -10, for its batches of 32k
+    init_logit_bias: float = -10.0
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(d['image_tower'], ViTConfig(**d['vision']), d['text_tower'], TextConfig(**d['text']),
+                   d['text_feature_dim'], d['embed_dim'], d['init_logit_scale'], d['init_logit_bias'])
+
+    def to_dict(self):
+        return asdict(self)
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather of (B, D) rows into (W*B, D) that keeps the gradient path (torch.distributed.all_gather
+    does not): every rank's loss touches every rank's rows, so backward sums the gradients over ranks
+    and hands each rank the rows it contributed."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        B = grad.shape[0] // dist.get_world_size()
+        return grad[dist.get_rank() * B:(dist.get_rank() + 1) * B]
+
+
+@torch.compiler.disable  # a collective inside an autograd Function: run it eagerly
+def gather_with_grad(x):
+    return _GatherWithGrad.apply(x)
+
+
+def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False):
+    """The sigmoid loss (Zhai et al. 2023, eq. 1) of unit-norm img_emb (B, D) and txt_emb (B, D): every
+    image against every text, -log sigmoid(z * (exp(t') cos + b)) with z = +1 for the image's own text and
+    -1 for all others, summed over pairs and averaged over images. distributed=True: each rank's images
+    meet the texts of all ranks (gathered with their gradient; rank r's own texts sit at rows r*B..);
+    dividing by the local B makes DDP's mean over ranks equal one process on the global batch."""
+    B = img_emb.shape[0]
+    offset = 0
+    if distributed:
+        import torch.distributed as dist
+        txt_emb = gather_with_grad(txt_emb)  # (W*B, D)
+        offset = dist.get_rank() * B
+    with torch.autocast(img_emb.device.type, enabled=False):  # logits and loss in fp32
+        logits = img_emb.float() @ txt_emb.float().T * log_t.float().exp() + bias.float()  # (B, W*B)
+        z = torch.full_like(logits, -1.0)
+        z[torch.arange(B), offset + torch.arange(B)] = 1.0
+        return -F.logsigmoid(z * logits).sum() / B
+
+
+class SigLIP(nn.Module):
+    def __init__(self, cfg: SigLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.image_tower == 'vit':
+            self.vision_tower, width = VisionTower(cfg.vision), cfg.vision.n_embd
+        elif cfg.image_tower == 'resnet50':
+            self.vision_tower, width = ResNetTower(cfg.vision.image_mean, cfg.vision.image_std), 2048
+        else:
+            raise ValueError(f"unknown image_tower '{cfg.image_tower}': use 'vit' or 'resnet50'")
+        self.image_head = nn.Linear(width, cfg.embed_dim)
+        if cfg.text_tower == 'byte':
+            self.text_tower, text_width = TextTower(cfg.text), cfg.text.n_embd
+        elif cfg.text_tower == 'frozen':
+            self.text_tower, text_width = None, cfg.text_feature_dim  # only the projection trains
+        else:
+            raise ValueError(f"unknown text_tower '{cfg.text_tower}': use 'byte' or 'frozen'")
+        self.text_head = nn.Linear(text_width, cfg.embed_dim)
+        for m in (self.vision_tower if cfg.image_tower == 'vit' else None, self.text_tower,
+                  self.image_head, self.text_head):
+            if m is not None:
+                m.apply(_init_weights)  # the ResNet keeps torchvision's init
+        self.log_t = nn.Parameter(torch.tensor(math.log(cfg.init_logit_scale)))  # t' = log t
+        self.bias = nn.Parameter(torch.tensor(cfg.init_logit_bias))
+
+    def encode_image(self, images):  # (B, H, W, 3) uint8 -> (B, D) unit norm
+        x = self.vision_tower(images)
+        if x.dim() == 3:
+            x = x.mean(1)  # ViT: (B, N, C) -> (B, C), the mean over patches
+        return F.normalize(self.image_head(x), dim=-1)
+
+    def encode_text(self, ids=None, mask=None, features=None):
+        """Byte tower: ids, mask (B, T). Frozen tower: its cached features (B, F). -> (B, D) unit norm."""
+        x = self.text_tower(ids, mask) if self.text_tower is not None else features
+        return F.normalize(self.text_head(x.to(self.text_head.weight.dtype)), dim=-1)
+
+    def forward(self, images, ids=None, mask=None, features=None, distributed=False):
+        return siglip_loss(self.encode_image(images), self.encode_text(ids, mask, features),
+                           self.log_t, self.bias, distributed)
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights
+
+class FrozenTextEncoder:
+    """A pretrained text model, frozen: the mean of its last hidden states over the real tokens.
+    path: a local transformers dir (e.g. all-MiniLM-L6-v2) or a .gguf file (e.g. SmolLM2; transformers
+    dequantizes it). Loaded with AutoModel, so a causal LM comes without its LM head."""
+
+    def __init__(self, path, device='cpu'):
+        from transformers import AutoModel, AutoTokenizer
+        path, gguf = resolve_pretrained(path)
+        kw = {'gguf_file': gguf} if gguf else {}
+        self.tokenizer = AutoTokenizer.from_pretrained(path, **kw)
+        if self.tokenizer.pad_token is None:  # Llama-style tokenizers have none; padding is masked anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.tokenizer.padding_side = 'right'
+        self.model = AutoModel.from_pretrained(path, **kw).to(device).eval().requires_grad_(False)
+        self.dim = self.model.config.hidden_size
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, texts, batch_size=64):  # list of str -> (N, dim) float32
+        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths share a batch
+        out = torch.empty(len(texts), self.dim)
+        for s in range(0, len(texts), batch_size):
+            idx = order[s:s + batch_size]
+            enc = self.tokenizer([texts[i] for i in idx], padding=True, return_tensors='pt').to(self.device)
+            h = self.model(**enc).last_hidden_state  # (B, T, dim)
+            out[idx] = masked_mean(h.float(), enc['attention_mask'].bool()).cpu()
+        return out

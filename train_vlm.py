@@ -34,9 +34,10 @@ init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or an earli
                        # tokenizer, a fresh optimizer and schedule (align -> finetune)
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
-vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys), or a SigLIP, CLIP or DINOv2 checkpoint (also the vision
-                    # half of a CLIPModel/SiglipModel): a local directory or a model id in the Hugging Face cache.
-                    # Its preprocessor_config.json sets image size, resizing and mean/std.
+vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys); a train_siglip.py out_dir (its stage-1 ViT); or a
+                    # SigLIP, CLIP or DINOv2 checkpoint (also the vision half of a CLIPModel/SiglipModel), a local
+                    # directory or a model id in the Hugging Face cache: its preprocessor_config.json sets image
+                    # size, resizing and mean/std.
 vision_layer = -1  # pretrained tower: which block's output feeds the connector (-1 last, -2 penultimate as in LLaVA)
 vision_cls = False  # pretrained tower: keep the class token among the features (CLIP, DINOv2; needs connector='mlp')
 image_size = 64

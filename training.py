@@ -357,6 +357,14 @@ def vlm_config(c, tok, llm=None):
         hf_llm=llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None)
 
 
+def load_vision_tower(c):
+    """(ViTConfig, weights) of c['vision']: a train_siglip.py out_dir (it holds ckpt.pt), or a SigLIP, CLIP
+    or DINOv2 checkpoint (a directory or a model id in the Hugging Face cache)."""
+    if os.path.isfile(os.path.join(c['vision'], 'ckpt.pt')):
+        return siglip_vision_tower(c['vision'])
+    return load_pretrained_vision(c['vision'], c['vision_layer'], c['vision_cls'])
+
+
 def pretrained_vision(c, model_cfg):
     """A pretrained vision tower (c['vision'] other than 'scratch'): its config replaces model_cfg.vision
     (the connector's input width follows) and its weights are returned, to load once the VLM is built.
@@ -366,7 +374,7 @@ def pretrained_vision(c, model_cfg):
             raise SystemExit("config error: vision_layer and vision_cls choose features of a pretrained tower; "
                              "with vision='scratch' leave them at -1 and False (the vit_* keys shape the ViT)")
         return None
-    model_cfg.vision, weights = load_pretrained_vision(c['vision'], c['vision_layer'], c['vision_cls'])
+    model_cfg.vision, weights = load_vision_tower(c)
     model_cfg.connector.in_dim = model_cfg.vision.n_embd
     if model_cfg.vision.keep_cls and model_cfg.connector.kind == 'pixel_shuffle':
         raise SystemExit("config error: vision_cls=True adds a token to the patch grid, which pixel_shuffle cannot "
@@ -424,9 +432,7 @@ def trains_everything(c):
 def load_pretrained_parts(c):
     """(LLM module or None, vision tower state dict or None) for the pretrained parts config c names."""
     llm = load_pretrained_llm(c['llm'])[1] if c.get('llm', 'scratch') != 'scratch' else None
-    vision = None
-    if c.get('vision', 'scratch') != 'scratch':
-        vision = load_pretrained_vision(c['vision'], c['vision_layer'], c['vision_cls'])[1]
+    vision = load_vision_tower(c)[1] if c.get('vision', 'scratch') != 'scratch' else None
     return llm, vision
 
 
@@ -514,6 +520,23 @@ def load_checkpoint(path, device='cpu'):
     if not os.path.exists(path):
         raise SystemExit(f'checkpoint error: {path} not found; train one with: python train_vlm.py config/shapes.py')
     return torch.load(path, map_location=device, weights_only=True)
+
+
+def siglip_vision_tower(out_dir):
+    """(ViTConfig, weights) of the image tower of a train_siglip.py run, for train_vlm.py's vision=<out_dir>."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    if not os.path.exists(path):
+        raise SystemExit(f"vision error: {path} not found; vision= takes 'scratch' or the out_dir of a "
+                         f"train_siglip.py run")
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    cfg = ckpt.get('model_config', {})
+    if 'image_tower' not in cfg:
+        raise SystemExit(f'vision error: {path} was not written by train_siglip.py (no image_tower in its model_config)')
+    if cfg['image_tower'] != 'vit':
+        raise SystemExit(f"vision error: {path} holds a {cfg['image_tower']} image tower; the VLM takes a ViT one "
+                         f"(train_siglip.py --image_tower=vit)")
+    weights = {k[len('vision_tower.'):]: v for k, v in ckpt['model'].items() if k.startswith('vision_tower.')}
+    return ViTConfig(**cfg['vision']), weights
 
 
 def raw_state_dict(model):

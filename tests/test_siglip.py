@@ -1,0 +1,165 @@
+import json
+import math
+import os
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT, TINY, run
+from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, siglip_loss
+
+SIGLIP_TINY = ['--vit_layers=1', '--vit_width=32', '--vit_heads=2', '--text_layers=1', '--text_width=32',
+               '--text_heads=2', '--embed_dim=32', '--device=cpu', '--log_interval=1']
+
+
+def reference_loss(img, txt, t, b):
+    """Zhai et al. 2023, eq. 1 written out pair by pair."""
+    total = 0.0
+    for i in range(img.shape[0]):
+        for j in range(txt.shape[0]):
+            z = 1.0 if i == j else -1.0
+            total += math.log(1 + math.exp(-z * (t * float(img[i] @ txt[j]) + b)))
+    return total / img.shape[0]
+
+
+def test_siglip_loss_matches_pairwise_reference_and_stays_fp32_under_autocast():
+    g = torch.Generator().manual_seed(0)
+    img = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    txt = torch.nn.functional.normalize(torch.randn(6, 8, generator=g), dim=-1)
+    log_t, bias = torch.tensor(math.log(10.0)), torch.tensor(-10.0)
+    loss = siglip_loss(img, txt, log_t, bias)
+    assert abs(loss.item() - reference_loss(img, txt, 10.0, -10.0)) < 1e-4
+    log_t, bias = torch.tensor(1.3), torch.tensor(-2.0)
+    assert abs(siglip_loss(img, txt, log_t, bias).item() - reference_loss(img, txt, math.exp(1.3), -2.0)) < 1e-4
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        under_amp = siglip_loss(img, txt, log_t, bias)
+    assert under_amp.dtype == torch.float32 and under_amp.item() == siglip_loss(img, txt, log_t, bias).item()
+
+
+def tiny_siglip():
+    torch.manual_seed(0)
+    cfg = SigLIPConfig(vision=ViTConfig(image_size=16, patch_size=8, n_layer=1, n_head=2, n_embd=16),
+                       text=TextConfig(max_len=12, n_layer=1, n_head=2, n_embd=16), embed_dim=16)
+    model = SigLIP(cfg)
+    with torch.no_grad():  # a bias near the logits, so every pair has a gradient worth comparing
+        model.bias.fill_(-1.0)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (8, 16, 16, 3), generator=g, dtype=torch.uint8)
+    ids = torch.randint(7, 263, (8, 12), generator=g)
+    mask = torch.arange(12)[None] < torch.randint(3, 13, (8, 1), generator=g)  # captions of different lengths
+    return model, images, ids, mask
+
+
+DDP_WORKER = '''
+import os, sys
+sys.path.insert(0, {root!r})
+sys.path.insert(0, {tests!r})
+import torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from test_siglip import tiny_siglip
+dist.init_process_group('gloo')
+rank, world = dist.get_rank(), dist.get_world_size()
+model, images, ids, mask = tiny_siglip()
+ddp = DDP(model)
+B = images.shape[0] // world
+sl = slice(rank * B, (rank + 1) * B)
+loss = ddp(images[sl], ids[sl], mask[sl], distributed=True)
+loss.backward()
+mean_loss = loss.detach().clone()
+dist.all_reduce(mean_loss)
+if rank == 0:
+    torch.save({{'loss': mean_loss / world, 'grads': {{n: p.grad for n, p in model.named_parameters()}}}}, {out!r})
+dist.destroy_process_group()
+'''
+
+
+def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch(tmp_path):
+    worker, out = tmp_path / 'worker.py', tmp_path / 'ddp.pt'
+    worker.write_text(DDP_WORKER.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), out=str(out)))
+    run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(worker)])
+    two = torch.load(out, weights_only=True)
+    model, images, ids, mask = tiny_siglip()
+    loss = model(images, ids, mask)
+    loss.backward()
+    assert abs(two['loss'].item() - loss.item()) < 1e-5, (two['loss'], loss)
+    for n, p in model.named_parameters():
+        assert p.grad is not None and two['grads'][n] is not None, n
+        torch.testing.assert_close(two['grads'][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+    # the texts' gradient path matters: without it the text tower's gradient would be about half
+    assert two['grads']['text_head.weight'].abs().sum() > 0
+
+
+def metrics(out_dir):
+    lines = [json.loads(l) for l in open(os.path.join(out_dir, 'metrics.jsonl'))]
+    return [m for m in lines if 'loss' in m], [m for m in lines if 'i2t_r1' in m]
+
+
+@pytest.fixture(scope='module')
+def siglip_run(tmp_path_factory):
+    """A tiny stage-1 run; its out_dir and data_dir."""
+    d = tmp_path_factory.mktemp('sigdata') / 'shapes'
+    run([sys.executable, 'prepare_data.py', 'shapes', '--out_dir', str(d), '--n_train', '256', '--n_val', '64',
+         '--n_test', '8', '--workers', '1', '--questions_train', '1', '--questions_eval', '1'])
+    out = tmp_path_factory.mktemp('sigout') / 'run'
+    run([sys.executable, 'train_siglip.py', f'--data_dir={d}', f'--out_dir={out}', *SIGLIP_TINY, '--batch_size=64',
+         '--max_iters=60', '--eval_interval=60', '--learning_rate=1e-2', '--warmup_iters=5'])
+    return str(out), str(d)
+
+
+def test_tiny_run_loss_falls_and_reports_recall_and_zero_shot(siglip_run):
+    # a tiny run only leaves the paper's initial logits (t = 10, b = -10) in tens of steps; learning to
+    # retrieve takes hundreds (see the closing figures), too long for a test
+    train, evals = metrics(siglip_run[0])
+    assert train[-1]['loss'] < 0.6 * train[0]['loss'], train
+    first, last = evals[0], evals[-1]
+    assert first['iter'] == 0 and last['iter'] == 60
+    for m in (first, last):
+        assert set(m) >= {'val_loss', 'i2t_r1', 'i2t_r5', 't2i_r1', 't2i_r5', 'zeroshot_shape', 'zeroshot_color'}
+        assert 0 <= m['i2t_r1'] <= m['i2t_r5'] <= 1 and 0 <= m['t2i_r1'] <= m['t2i_r5'] <= 1
+    ckpt = torch.load(os.path.join(siglip_run[0], 'ckpt.pt'), weights_only=True)
+    assert ckpt['iter_num'] == 60 and ckpt['model_config']['image_tower'] == 'vit'
+
+
+def test_train_vlm_loads_the_stage1_tower_frozen_and_trains(siglip_run, tmp_path):
+    out, data = siglip_run
+    run([sys.executable, 'train_vlm.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY, f'--vision={out}',
+         '--vision_mode=frozen', '--max_iters=4', '--eval_interval=4', '--batch_size=8', '--test_at_end=False',
+         '--max_samples=64', '--eval_questions=4'])
+    stage1 = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
+    vlm = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
+    tower = {k[len('vision_tower.'):]: v for k, v in vlm['model'].items() if k.startswith('vision_tower.')}
+    assert tower and set(tower) == {k[len('vision_tower.'):] for k in stage1 if k.startswith('vision_tower.')}
+    for k, v in tower.items():
+        torch.testing.assert_close(v, stage1['vision_tower.' + k], rtol=0, atol=0)
+    losses = [json.loads(l)['loss'] for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    bad = run([sys.executable, 'train_vlm.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY,
+               f'--vision={tmp_path}'], check=False)
+    assert bad.returncode != 0 and 'not written by train_siglip.py' in bad.stderr
+
+
+def test_frozen_text_tower_features_are_cached_once(siglip_run, tmp_path):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    data = siglip_run[1]
+    words = sorted({w for l in open(os.path.join(data, 'train.jsonl'))
+                    for w in json.loads(l)['captions'][0].replace('.', ' .').replace(',', ' ,').split()})
+    enc_dir = tmp_path / 'tiny_bert'
+    enc_dir.mkdir()
+    (enc_dir / 'vocab.txt').write_text('\n'.join(['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]', *words]) + '\n')
+    BertTokenizerFast(vocab_file=str(enc_dir / 'vocab.txt')).save_pretrained(enc_dir)
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=len(words) + 5, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)).save_pretrained(enc_dir)
+    args = [sys.executable, 'train_siglip.py', f'--data_dir={data}', *SIGLIP_TINY, f'--text_tower={enc_dir}',
+            '--batch_size=32', '--max_iters=3', '--eval_interval=3', '--max_samples=128', '--eval_samples=16']
+    first = run(args + [f'--out_dir={tmp_path / "a"}'])
+    assert 'texts through frozen' in first.stdout
+    again = run(args + [f'--out_dir={tmp_path / "b"}'])
+    assert 'texts through frozen' not in again.stdout  # the cache answered
+    cache = torch.load(os.path.join(data, 'text_features_tiny_bert.pt'), weights_only=True)
+    from model import FrozenTextEncoder
+    direct = FrozenTextEncoder(str(enc_dir))(cache['texts'][:5])
+    torch.testing.assert_close(cache['features'][:5], direct, rtol=0.05, atol=0.05)  # the cache ran in bf16 autocast
+    ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)
+    assert ckpt['model_config']['text_tower'] == 'frozen' and not any(k.startswith('text_tower.') for k in ckpt['model'])

