@@ -94,7 +94,8 @@ grad_clip = 1.0
 eval_interval = 250
 eval_questions = 500  # held-out val questions answered by generation at each eval
 val_batches = 8
-test_at_end = True  # answer every test-split question when training ends
+test_at_end = True  # answer the test-split questions when training ends
+test_questions = 0  # how many of them (0 = all)
 eval_captions = 0  # val images captioned at each eval and scored with BLEU-4 and CIDEr-D (caption datasets)
 early_stop_patience = 0  # stop after this many evals without a lower val loss (0 = never stop early)
 log_interval = 10
@@ -313,7 +314,7 @@ if master:
     if test_at_end:
         test_set = VLMDataset(data_dir, 'test')
         raw_model.eval()
-        acc, n = qa_accuracy(raw_model, test_set, tok, device, amp)
+        acc, n = qa_accuracy(raw_model, test_set, tok, device, amp, test_questions)
         print(f'held-out test accuracy on {n} questions: ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items())))
         with open(os.path.join(out_dir, 'test_accuracy.json'), 'w') as f:
             json.dump({'questions': n, 'accuracy': acc, 'iter': iter_num, 'train_minutes': train_time / 60}, f)

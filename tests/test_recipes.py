@@ -86,3 +86,26 @@ def test_groundcap_recipe_dinov2_bridge_gemma2(coco, tmp_path):
                      f'--llm={tmp_path / "gemma2"}', '--eval_captions=2')
     assert set(k.split('.')[0] for k in ckpt['model']) == {'connector'} and 'connector.gate_attn' in ckpt['model']
     assert 'cider_d' in p.stdout
+
+
+def test_cifar10_recipes_siglip_stage_then_qlora_vlm(tmp_path):
+    import csv
+    from test_prepare_data import make_cifar
+    make_cifar(tmp_path / 'cifar-10-batches-py')
+    with open(tmp_path / 'descriptions.csv', 'w', newline='') as f:  # classify.py --mode=label writes this
+        w = csv.writer(f)
+        w.writerow(['Dataset_Index', 'A1', 'A2', 'A3', 'A4', 'A5'])
+        for i in range(30):
+            w.writerow([i] + [f'description {k} of picture {i}' for k in range(1, 6)])
+    prepare('cifar10', '--root', tmp_path / 'cifar-10-batches-py', '--descriptions', tmp_path / 'descriptions.csv',
+            '--out_dir', tmp_path / 'data', '--val_fraction', '0.2')
+    save_tiny_llm('llama', tmp_path / 'text_llm')  # stands in for Phi-2 as the frozen text tower
+    save_tiny_llm('phi', tmp_path / 'phi')
+    stage1 = tmp_path / 'siglip'
+    run([sys.executable, 'train_siglip.py', 'config/cifar10_siglip.py', f'--data_dir={tmp_path / "data"}',
+         f'--out_dir={stage1}', f'--text_tower={tmp_path / "text_llm"}', '--device=cpu', '--max_iters=2',
+         '--eval_interval=2', '--batch_size=4', '--warmup_iters=1', '--log_interval=1'])
+    _, ckpt = recipe('config/cifar10_vlm.py', tmp_path / 'data', tmp_path / 'vlm', f'--vision={stage1}',
+                     f'--llm={tmp_path / "phi"}', '--eval_questions=2', '--eval_captions=2')
+    assert ckpt['config']['llm_mode'] == 'qlora' and any('lora_' in k for k in ckpt['model'])
+    assert not any(k.startswith('vision_tower.') for k in ckpt['model'])  # the stage-1 tower, frozen
