@@ -126,8 +126,7 @@ if master:
 # data
 train_set = VLMDataset(data_dir, 'train', max_samples)
 val_set = VLMDataset(data_dir, 'val')
-resume = init_from == 'resume'
-ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if resume else None
+ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
 earlier = None if init_from in ('scratch', 'resume') else load_checkpoint(os.path.join(init_from, 'ckpt.pt'))
 
 # model and tokenizer: this run's checkpoint, an earlier stage's, or new (around the pretrained parts named)
@@ -154,7 +153,7 @@ optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), d
 order = DataOrder(len(train_set), seed)
 iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
 evals_since_best = 0  # for early stopping
-if ckpt and resume:
+if ckpt:
     optimizer.load_state_dict(ckpt['optimizer'])
     iter_num, best_val, evals_since_best = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['evals_since_best']
     order = DataOrder(len(train_set), seed, **ckpt['data_order'])
