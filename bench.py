@@ -49,8 +49,8 @@ batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, i
 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 n_text = sum(int(b['attention_mask'].sum()) - n_img * len(b['images']) for b in batches)
 n_samples = sum(len(b['images']) for b in batches)
-flops = sum(training_flops_per_sample(model_cfg, (int(b['attention_mask'].sum()) / len(b['images'])) - n_img, n_img)
-            * len(b['images']) for b in batches)
+flops = sum(training_flops_per_sample(model_cfg, (int(b['attention_mask'].sum()) / len(b['images'])) - n_img, n_img,
+                                      vision_mode == 'full', llm_mode == 'full') * len(b['images']) for b in batches)
 peak = peak_flops or measure_peak_flops(device, dtype)
 
 

@@ -617,17 +617,20 @@ def cut_at(ids, eos_id):
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
-def training_flops_per_sample(cfg: VLMConfig, n_text_tokens, num_image_tokens):
-    """Matmul FLOPs of one training sample, forward and backward (6 per parameter per token, plus
-    attention scores), after the PaLM appendix. Embedding lookups cost nothing."""
+def training_flops_per_sample(cfg: VLMConfig, n_text_tokens, num_image_tokens, vision_trains=True, llm_trains=True):
+    """Matmul FLOPs of one training sample, forward and backward, after the PaLM appendix: per parameter
+    per token 2 forward, 2 for the gradient of its input, 2 for the gradient of its weight (plus attention
+    scores). A frozen part skips the weight gradient; a frozen vision tower, with nothing trained before
+    it, skips its backward altogether. LoRA counts as frozen (its adapters are a rounding error).
+    Embedding lookups cost nothing."""
     v, d = cfg.vision, cfg.llm
     patches = (v.image_size // v.patch_size) ** 2 + int(v.cls_token) + v.n_registers  # tokens in the ViT
     vit_params = v.n_layer * (4 * v.n_embd ** 2 + 2 * v.n_embd * round(v.n_embd * v.mlp_ratio))
-    vit = 6 * vit_params * patches + 12 * v.n_layer * v.n_embd * patches ** 2
+    vit = (6 * vit_params * patches + 12 * v.n_layer * v.n_embd * patches ** 2) * (1 if vision_trains else 1 / 3)
     hd = d.n_embd // d.n_head
     llm_params = d.n_layer * (d.n_embd * hd * (2 * d.n_head + 2 * d.n_kv_head) + 3 * d.n_embd * d.intermediate_size)
     T = n_text_tokens + num_image_tokens
-    llm = 6 * (llm_params + d.n_embd * d.vocab_size) * T + 12 * d.n_layer * d.n_embd * T * T / 2
+    llm = (6 if llm_trains else 4) * (llm_params + d.n_embd * d.vocab_size) * T + 12 * d.n_layer * d.n_embd * T * T / 2
     c = cfg.connector
     conn_in = c.in_dim * (c.scale_factor ** 2 if c.kind == 'pixel_shuffle' else 1)
     conn = 6 * (conn_in * c.out_dim + c.out_dim ** 2) * num_image_tokens
@@ -1312,11 +1315,17 @@ class SigLIP(nn.Module):
 # pretrained weights
 
 class FrozenTextEncoder:
-    """A pretrained text model, frozen: the mean of its last hidden states over the real tokens.
+    """A pretrained text model, frozen: the mean of its hidden states over the real tokens.
     path: a local transformers dir (e.g. all-MiniLM-L6-v2) or a .gguf file (e.g. SmolLM2; transformers
-    dequantizes it). Loaded with AutoModel, so a causal LM comes without its LM head."""
+    dequantizes it). Loaded with AutoModel, so a causal LM comes without its LM head.
+    An encoder (BERT-like) is pooled at its last layer, as sentence encoders are trained to be. A causal
+    LM is pooled at its middle layer, leaving out the first token: the last layers are shaped for
+    predicting the next token, and the first token is where attention sinks, with a hidden state ~100x
+    larger than the others that swamps a mean. On shapes captions (SmolLM2, class-mean probe): last layer
+    with every token 80% shape / 63% colour; middle layer without the first token 100% / 100%.
+    layer: a hidden_states index to use instead (0 = the default above; -1 = the last layer)."""
 
-    def __init__(self, path, device='cpu'):
+    def __init__(self, path, device='cpu', layer=0):
         from transformers import AutoModel, AutoTokenizer
         path, gguf = resolve_pretrained(path)
         kw = {'gguf_file': gguf} if gguf else {}
@@ -1325,7 +1334,10 @@ class FrozenTextEncoder:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.tokenizer.padding_side = 'right'
         self.model = AutoModel.from_pretrained(path, **kw).to(device).eval().requires_grad_(False)
-        self.dim = self.model.config.hidden_size
+        cfg = self.model.config
+        self.causal = any(a.endswith('ForCausalLM') for a in cfg.architectures or []) or cfg.is_decoder
+        self.layer = layer or (cfg.num_hidden_layers // 2 if self.causal else -1)
+        self.dim = cfg.hidden_size
         self.device = device
 
     @torch.no_grad()
@@ -1335,6 +1347,9 @@ class FrozenTextEncoder:
         for s in range(0, len(texts), batch_size):
             idx = order[s:s + batch_size]
             enc = self.tokenizer([texts[i] for i in idx], padding=True, return_tensors='pt').to(self.device)
-            h = self.model(**enc).last_hidden_state  # (B, T, dim)
-            out[idx] = masked_mean(h.float(), enc['attention_mask'].bool()).cpu()
+            h = self.model(**enc, output_hidden_states=True).hidden_states[self.layer]  # (B, T, dim)
+            mask = enc['attention_mask'].bool()
+            if self.causal:  # drop the attention sink, except from a text of one token (a mean needs one)
+                mask[:, 0] &= mask.sum(1) == 1
+            out[idx] = masked_mean(h.float(), mask).cpu()
         return out

@@ -45,6 +45,8 @@ vit_heads = 4
 # linear projection: 'smollm2' (SmolLM2-135M-Instruct, mean of its last hidden states), 'minilm'
 # (all-MiniLM-L6-v2, mean pooling), or a path to a local transformers dir or .gguf file
 text_tower = 'byte'
+text_layer = 0  # frozen towers: which hidden layer is mean-pooled (0 = the middle of a causal LM, the last of an
+                # encoder; see model.FrozenTextEncoder for why); -1 = the last
 text_layers = 4
 text_width = 128
 text_heads = 4
@@ -145,8 +147,9 @@ def frozen_tower_path(name):
 
 def cached_text_features(path, texts):
     """(features (N, F), {text: row}) of a frozen encoder for every text, computed once per dataset:
-    kept in data_dir/text_features_<encoder>.pt, extended when new texts (prompts, samples) appear."""
-    cache_path = os.path.join(data_dir, f'text_features_{os.path.basename(path.rstrip("/"))}.pt')
+    kept in data_dir/text_features_<encoder>_<layer>.pt, extended when new texts (prompts, samples) appear."""
+    layer = f'layer{text_layer}' if text_layer else 'auto'
+    cache_path = os.path.join(data_dir, f'text_features_{os.path.basename(path.rstrip("/"))}_{layer}.pt')
     cache = torch.load(cache_path, weights_only=True) if os.path.exists(cache_path) else None
     if cache is not None and cache['source'] != os.path.abspath(path):
         cache = None  # another encoder of the same file name
@@ -154,7 +157,7 @@ def cached_text_features(path, texts):
     missing = sorted(set(texts) - known)
     if missing and master:
         t0 = time.perf_counter()
-        encoder = FrozenTextEncoder(path, device)
+        encoder = FrozenTextEncoder(path, device, text_layer)
         with amp():
             feats = encoder(missing)
         print(f'text tower: {len(missing)} texts through frozen {path} in {time.perf_counter() - t0:.0f} s')

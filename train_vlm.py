@@ -20,11 +20,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
-from model import IGNORE_INDEX, Tokenizer, VLMConfig, load_pretrained_llm, training_flops_per_sample
+from model import IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
 from lora import DEFAULT_TARGETS, trained_state_dict
-from training import (DataOrder, VLMDataset, autocast_context, build_vlm, caption_scores, load_checkpoint, lr_at,
-                      make_optimizer, measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy, raw_state_dict,
-                      save_checkpoint, setup_distributed, seed_everything, step_batches, val_loss, vlm_config)
+from training import (DataOrder, VLMDataset, autocast_context, build_vlm, caption_scores, load_checkpoint, load_llm,
+                      lr_at, make_optimizer, measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy,
+                      raw_state_dict, save_checkpoint, setup_distributed, seed_everything, step_batches, val_loss,
+                      vlm_config)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -34,8 +35,8 @@ init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or an earli
                        # tokenizer, a fresh optimizer and schedule (align -> finetune)
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
-vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys); a train_siglip.py out_dir (its stage-1 ViT); or a
-                    # SigLIP, CLIP or DINOv2 checkpoint (also the vision half of a CLIPModel/SiglipModel), a local
+vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys); the out_dir of a train_siglip.py or train_vlm.py run
+                    # (its ViT, e.g. stage 1's or the shapes recipe's); or a SigLIP, CLIP or DINOv2 checkpoint (also the vision half of a CLIPModel/SiglipModel), a local
                     # directory or a model id in the Hugging Face cache: its preprocessor_config.json sets image
                     # size, resizing and mean/std.
 vision_layer = -1  # pretrained tower: which block's output feeds the connector (-1 last, -2 penultimate as in LLaVA)
@@ -50,7 +51,8 @@ connector = 'pixel_shuffle'  # 'mlp', 'pixel_shuffle', or 'bridge' (text attends
 pixel_shuffle_factor = 2
 bridge_heads = 8  # connector='bridge': cross-attention heads
 llm = 'scratch'  # 'scratch' (llm_* keys, built-in tokenizer), or a pretrained LLM with its tokenizer and chat
-                 # template: a Hugging Face model directory, a model id in the Hugging Face cache, or a .gguf file
+                 # template: a Hugging Face model directory, a model id in the Hugging Face cache, or a .gguf file;
+                 # or the out_dir of a train_vlm.py run (its language model, as trained, and its tokenizer)
 llm_layers = 4
 llm_width = 256
 llm_heads = 4
@@ -136,7 +138,7 @@ if ckpt or earlier:
     model_cfg = VLMConfig.from_dict((ckpt or earlier)['model_config'])
 else:
     tok, llm_module = (Tokenizer.build(tokenizer, train_set.texts()), None) if llm == 'scratch' else \
-        load_pretrained_llm(llm)
+        load_llm(llm)
     model_cfg = vlm_config(config, tok, llm_module)
     pretrained = (llm_module, pretrained_vision(config, model_cfg))  # vision weights: None for 'scratch'
 # modes (frozen, full, LoRA, QLoRA) and, for partial checkpoints, a base to rebuild: see training.build_vlm
@@ -274,7 +276,8 @@ while True:
         tokens_text += n_text
         tokens_img += n_img * len(batch['images'])
         images_seen += len(batch['images'])
-        flops_done += training_flops_per_sample(model_cfg, n_text / len(batch['images']), n_img) * len(batch['images'])
+        flops_done += training_flops_per_sample(model_cfg, n_text / len(batch['images']), n_img, vision_mode == 'full',
+                                                llm_mode == 'full') * len(batch['images'])
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

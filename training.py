@@ -358,10 +358,10 @@ def vlm_config(c, tok, llm=None):
 
 
 def load_vision_tower(c):
-    """(ViTConfig, weights) of c['vision']: a train_siglip.py out_dir (it holds ckpt.pt), or a SigLIP, CLIP
-    or DINOv2 checkpoint (a directory or a model id in the Hugging Face cache)."""
+    """(ViTConfig, weights) of c['vision']: a train_siglip.py or train_vlm.py out_dir (it holds ckpt.pt), or
+    a SigLIP, CLIP or DINOv2 checkpoint (a directory or a model id in the Hugging Face cache)."""
     if os.path.isfile(os.path.join(c['vision'], 'ckpt.pt')):
-        return siglip_vision_tower(c['vision'])
+        return run_vision_tower(c['vision'])
     return load_pretrained_vision(c['vision'], c['vision_layer'], c['vision_cls'])
 
 
@@ -429,9 +429,23 @@ def trains_everything(c):
     return c.get('vision_mode', 'full') == c.get('llm_mode', 'full') == 'full'
 
 
+def load_llm(source):
+    """(tokenizer, LLM module) of train_vlm.py's llm= other than 'scratch': the out_dir of a train_vlm.py run
+    (its language model as trained, adapters merged, and its tokenizer), or a pretrained LLM (a Hugging
+    Face directory or cache id, or a .gguf file: model.load_pretrained_llm)."""
+    path = os.path.join(source, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return load_pretrained_llm(source)
+    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    if 'connector' not in ckpt.get('model_config', {}):
+        raise SystemExit(f'llm error: {path} was not written by train_vlm.py; llm= takes a train_vlm.py out_dir, '
+                         f'a Hugging Face model directory or cache id, or a .gguf file')
+    return Tokenizer.from_state(ckpt['tokenizer']), merge_lora(load_vlm(ckpt, 'cpu')).llm
+
+
 def load_pretrained_parts(c):
     """(LLM module or None, vision tower state dict or None) for the pretrained parts config c names."""
-    llm = load_pretrained_llm(c['llm'])[1] if c.get('llm', 'scratch') != 'scratch' else None
+    llm = load_llm(c['llm'])[1] if c.get('llm', 'scratch') != 'scratch' else None
     vision = load_vision_tower(c)[1] if c.get('vision', 'scratch') != 'scratch' else None
     return llm, vision
 
@@ -522,16 +536,22 @@ def load_checkpoint(path, device='cpu'):
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def siglip_vision_tower(out_dir):
-    """(ViTConfig, weights) of the image tower of a train_siglip.py run, for train_vlm.py's vision=<out_dir>."""
+def run_vision_tower(out_dir):
+    """(ViTConfig, weights) of the image tower of an earlier run, for train_vlm.py's vision=<out_dir>: a
+    train_siglip.py run (stage 1), or a train_vlm.py run (its tower as trained, e.g. the shapes recipe's,
+    to align a new language model to; a tower that run kept frozen comes from that run's own source)."""
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise SystemExit(f"vision error: {path} not found; vision= takes 'scratch' or the out_dir of a "
-                         f"train_siglip.py run")
+                         f"train_siglip.py or train_vlm.py run")
     ckpt = torch.load(path, map_location='cpu', weights_only=True)
     cfg = ckpt.get('model_config', {})
+    if 'vision' in cfg and 'connector' in cfg:  # a VLM
+        vlm = load_vlm(ckpt, 'cpu')
+        return vlm.cfg.vision, vlm.vision_tower.state_dict()
     if 'image_tower' not in cfg:
-        raise SystemExit(f'vision error: {path} was not written by train_siglip.py (no image_tower in its model_config)')
+        raise SystemExit(f'vision error: {path} was not written by train_siglip.py or train_vlm.py '
+                         f'(its model_config has neither image_tower nor vision)')
     if cfg['image_tower'] != 'vit':
         raise SystemExit(f"vision error: {path} holds a {cfg['image_tower']} image tower; the VLM takes a ViT one "
                          f"(train_siglip.py --image_tower=vit)")

@@ -226,3 +226,27 @@ def test_bridge_kv_cache_generation_equals_recomputation():
     ids, mask = left_pad(prompts, tok.pad_id)
     outs = [model.generate(ids, images(2), mask, max_new_tokens=10, use_cache=c) for c in (True, False)]
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize('vision_trains,llm_trains', [(True, True), (True, False), (False, False)])
+def test_training_flops_match_a_flop_counter(vision_trains, llm_trains):
+    """The MFU numerator: the formula against torch's own count of the matmuls of a forward and backward,
+    with frozen parts skipping their weight gradients (and a frozen tower its whole backward)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from model import training_flops_per_sample
+    torch.manual_seed(0)
+    tok = Tokenizer.build('word', TEXTS)
+    cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=64),
+                    ConnectorConfig(kind='pixel_shuffle', in_dim=64, out_dim=128, scale_factor=2),
+                    DecoderConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
+                                  intermediate_size=384),
+                    image_token_id=tok.image_token_id)
+    model = VLM(cfg)
+    model.vision_tower.requires_grad_(vision_trains)
+    model.llm.requires_grad_(llm_trains)
+    ids, _ = tok.encode_chat(conversation(), model.num_image_tokens)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.tensor([ids, ids]), images(2)).float().logsumexp(-1).sum().backward()
+    formula = 2 * training_flops_per_sample(cfg, len(ids) - model.num_image_tokens, model.num_image_tokens,
+                                            vision_trains, llm_trains)
+    assert formula == pytest.approx(counter.get_total_flops(), rel=0.1)

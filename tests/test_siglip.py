@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT, TINY, run
 from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, siglip_loss
-from training import load_vlm
+from training import load_vlm, run_vision_tower
 
 SIGLIP_TINY = ['--vit_layers=1', '--vit_width=32', '--vit_heads=2', '--text_layers=1', '--text_width=32',
                '--text_heads=2', '--embed_dim=32', '--device=cpu', '--log_interval=1']
@@ -136,9 +136,16 @@ def test_train_vlm_loads_the_stage1_tower_frozen_and_trains(siglip_run, tmp_path
         torch.testing.assert_close(v, stage1['vision_tower.' + k], rtol=0, atol=0)
     losses = [json.loads(l)['loss'] for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+    # a train_vlm.py run's tower (here the same stage-1 tower, rebuilt through that run's base)
+    cfg, weights = run_vision_tower(str(tmp_path))
+    assert cfg.n_embd == vlm['model_config']['vision']['n_embd'] and set(weights) == set(tower)
+    for k, v in tower.items():
+        torch.testing.assert_close(weights[k], v, rtol=0, atol=0)
+    (tmp_path / 'other').mkdir()
+    torch.save({'model': {}, 'model_config': {'n_layer': 2}}, tmp_path / 'other' / 'ckpt.pt')
     bad = run([sys.executable, 'train_vlm.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY,
-               f'--vision={tmp_path}'], check=False)
-    assert bad.returncode != 0 and 'not written by train_siglip.py' in bad.stderr
+               f'--vision={tmp_path / "other"}'], check=False)
+    assert bad.returncode != 0 and 'not written by train_siglip.py or train_vlm.py' in bad.stderr
 
 
 def test_frozen_text_tower_features_are_cached_once(siglip_run, tmp_path):
@@ -159,7 +166,7 @@ def test_frozen_text_tower_features_are_cached_once(siglip_run, tmp_path):
     assert 'texts through frozen' in first.stdout
     again = run(args + [f'--out_dir={tmp_path / "b"}'])
     assert 'texts through frozen' not in again.stdout  # the cache answered
-    cache = torch.load(os.path.join(data, 'text_features_tiny_bert.pt'), weights_only=True)
+    cache = torch.load(os.path.join(data, 'text_features_tiny_bert_auto.pt'), weights_only=True)
     from model import FrozenTextEncoder
     direct = FrozenTextEncoder(str(enc_dir))(cache['texts'][:5])
     torch.testing.assert_close(cache['features'][:5], direct, rtol=0.05, atol=0.05)  # the cache ran in bf16 autocast

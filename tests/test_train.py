@@ -59,6 +59,23 @@ def test_bridge_connector_trains(shapes_dir, tmp_path):
     assert not any(k.startswith('vision_tower.') for k in ckpt['model'])  # frozen, not saved
 
 
+def test_a_new_run_starts_from_the_tower_and_llm_of_an_earlier_one(shapes_dir, tmp_path):
+    # vision= and llm= name an earlier run's out_dir: its trained parts, frozen here, around a new connector
+    from training import load_vlm
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    short = ['--batch_size=8', '--test_at_end=False', '--eval_questions=4']
+    train(shapes_dir, first, '--max_iters=4', '--eval_interval=4', *short)
+    train(shapes_dir, second, f'--vision={first}', f'--llm={first}', '--vision_mode=frozen', '--llm_mode=frozen',
+          '--connector=mlp', '--max_iters=2', '--eval_interval=2', *short)
+    ckpt = torch.load(second / 'ckpt.pt', weights_only=True)
+    assert {k.split('.')[0] for k in ckpt['model']} == {'connector'}  # only the new connector trained and saved
+    model, earlier = load_vlm(ckpt, 'cpu'), weights(first)
+    for part in ('vision_tower', 'llm'):
+        for k, v in getattr(model, part).state_dict().items():
+            assert torch.equal(v, earlier[f'{part}.{k}']), (part, k)
+    assert ckpt['model_config']['connector']['kind'] == 'mlp'
+
+
 def test_early_stopping(shapes_dir, tmp_path):
     # learning rate 0: the val loss never improves on the first eval, so patience 2 stops at the second eval after it
     p = train(shapes_dir, tmp_path, '--max_iters=100', '--eval_interval=2', '--learning_rate=0.0', '--min_lr=0.0',
