@@ -36,9 +36,9 @@ init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or an earli
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
 vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys); the out_dir of a train_siglip.py or train_vlm.py run
-                    # (its ViT, e.g. stage 1's or the shapes recipe's); or a SigLIP, CLIP or DINOv2 checkpoint (also the vision half of a CLIPModel/SiglipModel), a local
-                    # directory or a model id in the Hugging Face cache: its preprocessor_config.json sets image
-                    # size, resizing and mean/std.
+                    # (its ViT, e.g. stage 1's or the shapes recipe's); or a SigLIP, CLIP or DINOv2 checkpoint
+                    # (also the vision half of a CLIPModel/SiglipModel), a local directory or a model id in the
+                    # Hugging Face cache: its preprocessor_config.json sets image size, resizing and mean/std.
 vision_layer = -1  # pretrained tower: which block's output feeds the connector (-1 last, -2 penultimate as in LLaVA)
 vision_cls = False  # pretrained tower: keep the class token among the features (CLIP, DINOv2; needs connector='mlp')
 image_size = 64

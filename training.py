@@ -436,7 +436,7 @@ def load_llm(source):
     path = os.path.join(source, 'ckpt.pt')
     if not os.path.isfile(path):
         return load_pretrained_llm(source)
-    ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    ckpt = load_checkpoint(path)
     if 'connector' not in ckpt.get('model_config', {}):
         raise SystemExit(f'llm error: {path} was not written by train_vlm.py; llm= takes a train_vlm.py out_dir, '
                          f'a Hugging Face model directory or cache id, or a .gguf file')
