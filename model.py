@@ -1007,7 +1007,10 @@ class HFProcessor:
                              f'conversations with the model\'s own one (use an instruction-tuned model)')
         if not self.tokenizer.is_fast:  # the answer tokens are found through character offsets
             raise SystemExit(f'pretrained error: {source} has no fast tokenizer (tokenizer.json); hf_vlm needs one')
-        self.image_token = processor.image_token  # the placeholder its chat template writes for an image
+        self.image_token = getattr(processor, 'image_token', None)  # what its chat template writes for an image
+        if self.image_token is None:
+            raise SystemExit(f'pretrained error: the processor of {source} names no image token; hf_vlm needs an '
+                             f'image-text-to-text processor (SmolVLM, Idefics3, Qwen2-VL...)')
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.vocab_size = len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
