@@ -153,12 +153,12 @@ class GlimpseModel:
     """A glimpse VLM and its tokenizer; only the tokenizer interface is used (encode_chat, decode,
     eot_id, image_token_id, pad_id), so any tokenizer behind it works."""
 
-    def __init__(self, out_dir, device='auto', dtype='auto'):
+    def __init__(self, out_dir, device='auto', dtype='auto', ckpt=None):
         from model import VLM, VLMConfig, Tokenizer
         from training import load_checkpoint, pick_device, pick_dtype
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device.split(':')[0])
-        ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), self.device)
+        ckpt = ckpt or load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), self.device)
         self.model = VLM(VLMConfig.from_dict(ckpt['model_config']))
         self.model.load_state_dict(ckpt['model'])
         self.model.to(self.device).eval()
@@ -243,18 +243,23 @@ class GlimpseModel:
 
 
 class HFModel:
-    """A local Hugging Face image-text-to-text model and its processor (chat template included)."""
+    """A local Hugging Face image-text-to-text model and its processor (chat template included); or, with run,
+    a train_vlm.py hf_vlm run's checkpoint: its base model with the adapters it trained (kept in float32)."""
 
-    def __init__(self, path, device='auto', dtype='auto', trust_remote_code=False):
+    def __init__(self, path, device='auto', dtype='auto', trust_remote_code=False, run=None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
-        from training import pick_device
-        if not os.path.isdir(path):
-            raise SystemExit(f'model error: {path} is not a local model directory (config.json, weights, processor)')
+        from training import load_vlm, pick_device
         self.device = pick_device(device)
-        torch_dtype = 'auto' if dtype == 'auto' else getattr(torch, dtype)
-        self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype,
-                                                                 trust_remote_code=trust_remote_code)
+        if run is not None:
+            vlm = load_vlm(run, self.device)
+            self.model, self.processor = vlm.model, vlm.processor.processor
+        else:
+            if not os.path.isdir(path):
+                raise SystemExit(f'model error: {path} is not a local model directory (config.json, weights, processor)')
+            torch_dtype = 'auto' if dtype == 'auto' else getattr(torch, dtype)
+            self.processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch_dtype,
+                                                                     trust_remote_code=trust_remote_code)
         self.model.to(self.device).eval()
         self.tokenizer = self.processor.tokenizer
 
@@ -312,7 +317,11 @@ def load_model(out_dir='', hf_model='', device='auto', dtype='auto', trust_remot
     """A glimpse checkpoint dir or a local Hugging Face VLM dir, ready for predict()."""
     if hf_model:
         return HFModel(hf_model, device, dtype, trust_remote_code)
-    return GlimpseModel(out_dir, device, dtype)
+    from training import load_checkpoint
+    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
+    if ckpt['config'].get('hf_vlm'):  # a fine-tuned Hugging Face VLM: its base model + what the run trained
+        return HFModel('', device, dtype, run=ckpt)
+    return GlimpseModel(out_dir, device, dtype, ckpt)
 
 
 def predict_batch(model, images, class_names, mode='score', aliases=None, system='', template='{classes}?',

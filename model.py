@@ -8,6 +8,7 @@ Every module of glimpse, in plain PyTorch:
     VLM           image embeddings spliced in place of <image> placeholders; loss on answers only;
                   generate() with a KV cache
     Tokenizer     the built-in word/byte tokenizer and its chat template
+    HFVLM         a whole Hugging Face VLM (SmolVLM, Qwen2-VL...) with its processor, for train_vlm.py hf_vlm=
     SigLIP        stage 1: image tower + text tower (byte transformer or frozen encoder), siglip_loss
 
                  images (B, H, W, 3) uint8
@@ -991,6 +992,145 @@ class HFTokenizer:
                 with open(os.path.join(d, name), 'wb') as f:
                     f.write(base64.b64decode(data))
             return cls(AutoTokenizer.from_pretrained(d))
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights: a whole Hugging Face VLM (train_vlm.py hf_vlm=...), its processor and chat template
+# standing in for glimpse's tokenizer
+
+class HFProcessor:
+    """A Hugging Face VLM's processor behind the parts of the Tokenizer interface the training scripts use.
+    Conversations are rendered by the model's own chat template and images expanded into image tokens by
+    the processor, as the model was trained (training.hf_collate builds the batches)."""
+
+    def __init__(self, processor, source):
+        self.processor, self.tokenizer, self.source = processor, processor.tokenizer, source
+        if not getattr(processor, 'chat_template', None):
+            raise SystemExit(f'pretrained error: the processor of {source} has no chat template; glimpse renders '
+                             f'conversations with the model\'s own one (use an instruction-tuned model)')
+        if not self.tokenizer.is_fast:  # the answer tokens are found through character offsets
+            raise SystemExit(f'pretrained error: {source} has no fast tokenizer (tokenizer.json); hf_vlm needs one')
+        self.image_token = getattr(processor, 'image_token', None)  # what its chat template writes for an image
+        if self.image_token is None:
+            raise SystemExit(f'pretrained error: the processor of {source} names no image token; hf_vlm needs an '
+                             f'image-text-to-text processor (SmolVLM, Idefics3, Qwen2-VL...)')
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.vocab_size = len(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
+            self.tokenizer.eos_token_id
+
+    @staticmethod
+    def messages(turns):
+        """glimpse turns ('<image>' marks where the sample's one image goes) -> chat-template messages.
+        The image stays in the first user turn even when the marker is missing (a bare question)."""
+        out, placed = [], False
+        for t in turns:
+            text = t['content']
+            if t['role'] == 'user' and not placed:
+                before, _, after = text.partition('<image>') if '<image>' in text else ('', '', text)
+                content = [{'type': 'text', 'text': before.strip()}] if before.strip() else []
+                content += [{'type': 'image'}, {'type': 'text', 'text': after.strip()}]
+                placed = True
+            else:
+                content = [{'type': 'text', 'text': text.replace('<image>', '').strip()}]
+            out.append({'role': t['role'], 'content': content})
+        return out
+
+    def render(self, messages, add_generation_prompt=False):
+        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def state(self):
+        return {'kind': 'hf_processor', 'source': self.source}  # the base model's processor: nothing to store
+
+
+class HFVLM(nn.Module):
+    """A Hugging Face image-text-to-text model (SmolVLM / Idefics3, Qwen2-VL, ...) behind the interface
+    train_vlm.py uses: forward(**batch) -> the summed cross-entropy of the supervised targets (as VLM.forward),
+    chat(), param_counts(), vision_tower and llm (the parts the training modes apply to) and cfg (sizes only,
+    for FLOP counts). Weights are held in float32 (autocast lowers them), as load_pretrained_llm's."""
+    num_image_tokens = None  # per image, as the processor expands it (train_vlm.py counts them per batch)
+
+    def __init__(self, source, trust_remote_code=False):
+        super().__init__()
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+        directory, gguf = resolve_pretrained(source)
+        if gguf:
+            raise SystemExit(f'pretrained error: hf_vlm={source} is a .gguf file; give a Hugging Face VLM directory')
+        try:
+            processor = AutoProcessor.from_pretrained(directory, trust_remote_code=trust_remote_code)
+            self.model = AutoModelForImageTextToText.from_pretrained(directory, dtype=torch.float32,
+                                                                     trust_remote_code=trust_remote_code)
+        except (ValueError, OSError) as e:  # not an image-text-to-text model, or code it would have to run
+            first = (str(e).strip().splitlines() or [''])[0][:200]
+            raise SystemExit(f'pretrained error: cannot load {source} as an image-text-to-text model with its '
+                             f'processor ({type(e).__name__}: {first})')
+        self.processor = HFProcessor(processor, source)
+        if self.vision_tower is self.model or self.llm is self.model:
+            raise SystemExit(f'pretrained error: cannot tell the vision tower and language model of {source} apart')
+        self.cfg = hf_vlm_sizes(self.model.config, self.processor.image_token_id)
+
+    # properties, not attributes: the parts stay reachable through self.model only (one name per tensor)
+    @property
+    def vision_tower(self):
+        return self.model.get_encoder('image')
+
+    @property
+    def llm(self):
+        return self.model.get_decoder()
+
+    def param_counts(self):
+        count = lambda m: sum(p.numel() for p in m.parameters())
+        vision, llm, total = count(self.vision_tower), count(self.llm), count(self)
+        return {'vision_tower': vision, 'llm': llm, 'other': total - vision - llm, 'total': total}
+
+    def forward(self, input_ids, attention_mask=None, targets=None, **inputs):
+        """inputs: what the processor made of the images (pixel_values, ...). With targets: the summed
+        cross-entropy over supervised positions (the caller normalises); without: logits (B, T, V)."""
+        h = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  **inputs).last_hidden_state  # (B, T, C)
+        head = self.model.get_output_embeddings()
+        if targets is None:
+            return head(h)
+        supervised = targets != IGNORE_INDEX
+        logits = head(h[supervised]).float()  # only where there is a loss: (n, V)
+        return F.cross_entropy(logits, targets[supervised], reduction='sum')
+
+    @torch.no_grad()
+    def chat(self, processor, images, prompts, max_new_tokens=32, system='', temperature=0.0, top_k=None,
+             top_p=None, generator=None):
+        """As VLM.chat: one prompt per image (uint8 arrays or PIL images) -> answers, via the model's generate().
+        Sampling draws from the global RNG (transformers takes no generator)."""
+        import numpy as np
+        from PIL import Image
+        device = next(self.parameters()).device
+        head = [{'role': 'system', 'content': [{'type': 'text', 'text': system}]}] if system else []
+        texts = [processor.render(head + processor.messages([{'role': 'user', 'content': p}]), True) for p in prompts]
+        pil = [[im if isinstance(im, Image.Image) else Image.fromarray(np.asarray(im, dtype=np.uint8))] for im in images]
+        processor.tokenizer.padding_side = 'left'
+        batch = processor.processor(text=texts, images=pil, return_tensors='pt', padding=True).to(device)
+        sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0) \
+            if temperature > 0 else dict(do_sample=False)
+        out = self.model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=processor.pad_id, **sampling)
+        return [t.strip() for t in processor.tokenizer.batch_decode(out[:, batch['input_ids'].shape[1]:],
+                                                                    skip_special_tokens=True)]
+
+
+def hf_vlm_sizes(config, image_token_id):
+    """A VLMConfig summarising a Hugging Face VLM's sizes, for training_flops_per_sample only (approximate:
+    one image crop, an MLP connector); the model itself is config['hf_vlm']."""
+    t, v = config.get_text_config(decoder=True), config.vision_config
+    width = getattr(v, 'embed_dim', None) or v.hidden_size  # Qwen2-VL: embed_dim (its hidden_size is the output)
+    heads = getattr(v, 'num_heads', None) or v.num_attention_heads
+    mlp = getattr(v, 'intermediate_size', None)
+    vision = ViTConfig(image_size=getattr(v, 'image_size', v.patch_size), patch_size=v.patch_size,
+                       n_layer=getattr(v, 'depth', None) or v.num_hidden_layers, n_head=heads, n_embd=width,
+                       mlp_ratio=mlp / width if mlp else getattr(v, 'mlp_ratio', 4.0), source=config.name_or_path)
+    llm = DecoderConfig(vocab_size=t.vocab_size, n_layer=t.num_hidden_layers, n_head=t.num_attention_heads,
+                        n_kv_head=getattr(t, 'num_key_value_heads', None) or t.num_attention_heads,
+                        n_embd=t.hidden_size, intermediate_size=getattr(t, 'intermediate_size', 4 * t.hidden_size))
+    return VLMConfig(vision=vision, connector=ConnectorConfig(kind='mlp', in_dim=width, out_dim=t.hidden_size),
+                     llm=llm, image_token_id=image_token_id)
 
 
 # -----------------------------------------------------------------------------

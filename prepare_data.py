@@ -707,7 +707,8 @@ def prepare_hf(a):
     except Exception as e:  # offline, unknown id, no permission: the library's messages run to pages
         first = (str(e).strip().splitlines() or [''])[0][:200]
         raise SystemExit(f'data error: cannot load dataset {a.dataset!r} ({type(e).__name__}: {first}); '
-                         f'check the id, or download it where there is a network and give its save_to_disk folder')
+                         f'check the id, or on a connected machine save it once with datasets.load_dataset('
+                         f'{a.dataset!r}).save_to_disk(<dir>) and give that folder as --dataset')
     parts = dict(ds) if isinstance(ds, datasets.DatasetDict) else {'train': ds}
     features = next(iter(parts.values())).features
     image_col = a.image_column or next((k for k, f in features.items() if isinstance(f, datasets.Image)), None)

@@ -60,8 +60,12 @@ if image and not os.path.exists(image):
 device = pick_device(device)
 amp = functools.partial(autocast_context, device.split(':')[0], pick_dtype(dtype, device.split(':')[0]))
 ckpt = load_checkpoint(os.path.join(out_dir, checkpoint), device)
+hf = bool(ckpt['config'].get('hf_vlm'))  # a fine-tuned Hugging Face VLM: its processor is the tokenizer
+if hf and (chat or not image):
+    raise SystemExit(f'sample error: {out_dir} fine-tuned a Hugging Face VLM; ask it about images with --image '
+                     f'(no --chat, no text-only questions)')
 model = load_vlm(ckpt, device).eval()  # full weights, or base + adapters (LoRA runs)
-tok = Tokenizer.from_state(ckpt['tokenizer'])
+tok = model.processor if hf else Tokenizer.from_state(ckpt['tokenizer'])
 size = None if model.cfg.vision.source else model.cfg.vision.image_size  # a pretrained tower resizes as its processor
 sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
 gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None

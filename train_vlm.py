@@ -22,8 +22,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_config
 from model import IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
 from lora import DEFAULT_TARGETS, trained_state_dict
-from training import (DataOrder, VLMDataset, autocast_context, build_vlm, caption_scores, load_checkpoint, load_llm,
-                      lr_at, make_optimizer, measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy,
+from training import (DataOrder, VLMDataset, autocast_context, build_hf_vlm, build_vlm, caption_scores, load_checkpoint,
+                      load_llm, lr_at, make_optimizer, measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy,
                       raw_state_dict, save_checkpoint, setup_distributed, seed_everything, step_batches, val_loss,
                       vlm_config)
 
@@ -35,6 +35,11 @@ init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or an earli
                        # tokenizer, a fresh optimizer and schedule (align -> finetune)
 max_samples = 0  # train on the first N samples only (0 = all), for quick runs
 # model
+hf_vlm = ''  # instead of the parts below, a whole Hugging Face image-text-to-text model (SmolVLM / Idefics3,
+             # Qwen2-VL): a local directory or a model id in the Hugging Face cache. Its processor and chat
+             # template build the inputs; vision_mode/llm_mode apply to its vision tower and language model,
+             # the rest stays frozen. Checkpoints hold what trained and name this base.
+trust_remote_code = False  # hf_vlm: run model code that ships with the checkpoint (only for a model you trust)
 vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys); the out_dir of a train_siglip.py or train_vlm.py run
                     # (its ViT, e.g. stage 1's or the shapes recipe's); or a SigLIP, CLIP or DINOv2 checkpoint
                     # (also the vision half of a CLIPModel/SiglipModel), a local directory or a model id in the
@@ -133,7 +138,10 @@ earlier = None if init_from in ('scratch', 'resume') else load_checkpoint(os.pat
 
 # model and tokenizer: this run's checkpoint, an earlier stage's, or new (around the pretrained parts named)
 pretrained = None
-if ckpt or earlier:
+if hf_vlm:  # the processor stands in for the tokenizer; model_cfg only summarises sizes (for MFU)
+    model, base = build_hf_vlm(config, device, ckpt, f'{out_dir}/ckpt.pt')
+    tok, model_cfg = model.processor, model.cfg
+elif ckpt or earlier:
     tok = Tokenizer.from_state((ckpt or earlier)['tokenizer'])
     model_cfg = VLMConfig.from_dict((ckpt or earlier)['model_config'])
 else:
@@ -142,11 +150,13 @@ else:
     model_cfg = vlm_config(config, tok, llm_module)
     pretrained = (llm_module, pretrained_vision(config, model_cfg))  # vision weights: None for 'scratch'
 # modes (frozen, full, LoRA, QLoRA) and, for partial checkpoints, a base to rebuild: see training.build_vlm
-model, base = build_vlm(model_cfg, config, device, ckpt, f'{out_dir}/ckpt.pt', pretrained)
+if not hf_vlm:
+    model, base = build_vlm(model_cfg, config, device, ckpt, f'{out_dir}/ckpt.pt', pretrained)
 raw_model = model
 n_img = model.num_image_tokens
 if master:
-    print(f'parameters: {model.param_counts()}; {n_img} image tokens; vocab {tok.vocab_size}; '
+    print(f'parameters: {model.param_counts()}; {"processor-set" if hf_vlm else n_img} image tokens; '
+          f'vocab {tok.vocab_size}; '
           f'train {len(train_set)}, val {len(val_set)}; device {device}, dtype {dtype}, world {world_size}')
 
 lr_scales = {part: lr / learning_rate for part, lr in
@@ -161,6 +171,7 @@ if ckpt:
     order = DataOrder(len(train_set), seed, **ckpt['data_order'])
     train_time = ckpt['train_time']
     torch.set_rng_state(ckpt['rng'].cpu())
+evaluated = iter_num if ckpt else -1  # a checkpoint is written just after an eval: not again on resuming
 ckpt = None
 if compile:
     model = torch.compile(model)
@@ -222,7 +233,7 @@ while True:
         group['lr'] = lr * group.get('lr_scale', 1.0)
 
     stop = iter_num >= max_iters
-    if iter_num % eval_interval == 0 or iter_num == max_iters:
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != evaluated:
         if master:
             loss, acc, n, captions = evaluate()
             print(f'eval iter {iter_num}: val loss {loss:.4f} (perplexity {math.exp(loss):.2f})' +
@@ -272,12 +283,13 @@ while True:
             # DDP averages gradients over processes; multiplying by world_size turns that into a sum
             scaler.scale(loss_sum * world_size / n_sup).backward()
         loss_acc += loss_sum.detach()
-        n_text = int(batch['attention_mask'].sum()) - n_img * len(batch['images'])
+        B, n_image = len(batch['input_ids']), int((batch['input_ids'] == model_cfg.image_token_id).sum())
+        n_text = int(batch['attention_mask'].sum()) - n_image
         tokens_text += n_text
-        tokens_img += n_img * len(batch['images'])
-        images_seen += len(batch['images'])
-        flops_done += training_flops_per_sample(model_cfg, n_text / len(batch['images']), n_img, vision_mode == 'full',
-                                                llm_mode == 'full') * len(batch['images'])
+        tokens_img += n_image
+        images_seen += B
+        flops_done += training_flops_per_sample(model_cfg, n_text / B, n_image / B, vision_mode == 'full',
+                                                llm_mode == 'full') * B
     if grad_clip > 0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)

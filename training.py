@@ -19,8 +19,8 @@ import torch
 import torch.distributed as dist
 
 from lora import apply_lora, base_fingerprint, check_fingerprint, load_trained_state_dict, merge_lora
-from model import (IGNORE_INDEX, VLM, ConnectorConfig, DecoderConfig, HFCausalLM, Tokenizer, ViTConfig, VLMConfig,
-                   checkpoint_context, load_pretrained_llm, load_pretrained_vision)
+from model import (IGNORE_INDEX, VLM, ConnectorConfig, DecoderConfig, HFCausalLM, HFProcessor, HFVLM, Tokenizer,
+                   ViTConfig, VLMConfig, checkpoint_context, load_pretrained_llm, load_pretrained_vision)
 
 
 # -----------------------------------------------------------------------------
@@ -242,6 +242,8 @@ def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, 
     """Right-padded batch: input_ids, targets (IGNORE_INDEX at padding), attention_mask, images,
     and positions and segment_ids when turns are isolated. stats['truncated'] counts the samples
     cut to fit max_len (none is dropped)."""
+    if isinstance(tokenizer, HFProcessor):  # a whole Hugging Face VLM: its processor builds the batch
+        return hf_collate(tokenizer, dataset, indices, max_len, stats)
     seqs, rows = [], []
     for i in indices:
         r = dataset.records[i]
@@ -264,6 +266,69 @@ def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, 
     if not isolate_turns:
         del batch['positions'], batch['segment_ids']
     batch['images'] = torch.from_numpy(np.stack([dataset.images[j] for j in rows]))
+    return batch
+
+
+def answer_spans(processor, messages):
+    """The rendered conversation and the character span of each assistant turn in it: from the end of the
+    generation prompt to the end of the turn (the rendering of the turns up to it)."""
+    text, spans = processor.render(messages), []
+    for k, m in enumerate(messages):
+        if m['role'] == 'assistant':
+            head, upto = processor.render(messages[:k], True), processor.render(messages[:k + 1])
+            if not (upto.startswith(head) and text.startswith(upto)):
+                raise SystemExit(f'model error: the chat template of {processor.source} renders assistant turn {k} '
+                                 f'differently once more turns follow, so its answers cannot be located')
+            spans.append((len(head), len(upto)))
+    return text, spans
+
+
+def hf_collate(processor, dataset, indices, max_len, stats=None):
+    """collate() for an HFVLM: each conversation rendered by the model's chat template and run with its image
+    through the model's processor (right-padded), which expands the image into the model's image tokens.
+    targets as collate's: the next token where that token is part of an assistant answer (its text and the
+    end-of-turn token after it), else IGNORE_INDEX. A row longer than max_len loses its tail (never the image)."""
+    from PIL import Image
+    texts, spans = zip(*(answer_spans(processor, processor.messages(conversation(dataset.records[i])))
+                         for i in indices))
+    images = [[Image.fromarray(np.asarray(dataset.images[dataset.records[i]['image']]))] for i in indices]
+    processor.tokenizer.padding_side = 'right'
+    batch = dict(processor.processor(text=list(texts), images=images, return_tensors='pt', padding=True))
+    ids = batch['input_ids']  # (B, T)
+    targets = torch.full_like(ids, IGNORE_INDEX)
+    special = set(processor.tokenizer.all_special_ids) | {
+        i for i, t in processor.tokenizer.added_tokens_decoder.items() if t.special}
+    for b, (text, row_spans) in enumerate(zip(texts, spans)):
+        # the text tokenized as it is, its image placeholder not expanded: the offsets locate the answers. After
+        # the placeholder both tokenizations agree, so plain token j is token j + shift of the processed row.
+        plain = processor.tokenizer(text, return_offsets_mapping=True)
+        u, offsets = plain['input_ids'], plain['offset_mapping']
+        n = int(batch['attention_mask'][b].sum())
+        img, shift = max(j for j, t in enumerate(u) if t == processor.image_token_id), n - len(u)
+        if ids[b, img + 1 + shift:n].tolist() != u[img + 1:]:
+            raise SystemExit(f'model error: the processor of {processor.source} changes the text after the image, '
+                             f'so the answer tokens cannot be located')
+        for start, end in row_spans:
+            sup = [j for j, (a, z) in enumerate(offsets) if z > start and a < end]
+            eot = next((j for j in sup if u[j] in special), None)
+            if eot is None:
+                raise SystemExit(f'model error: the chat template of {processor.source} ends an assistant turn '
+                                 f'without a special (end-of-turn) token; there is nothing to stop generation at')
+            for j in sup[:sup.index(eot) + 1]:
+                if j > img:  # the image is in the first user turn, before every answer
+                    targets[b, j + shift - 1] = u[j]
+    if ids.shape[1] > max_len:
+        long = batch['attention_mask'].sum(1) > max_len
+        image_end = max(int(r.nonzero().max()) for r in ids == processor.image_token_id)
+        if image_end >= max_len - 1:
+            raise SystemExit(f'config error: max_seq_len={max_len} leaves no room after the image tokens '
+                             f'({image_end + 1}); raise max_seq_len')
+        if stats is not None:
+            stats['truncated'] += int(long.sum())
+        batch = {k: v[:, :max_len] if v.shape == ids.shape else v for k, v in batch.items()}
+        targets = targets[:, :max_len]
+        targets[:, -1] = IGNORE_INDEX  # its next token was cut
+    batch['targets'] = targets
     return batch
 
 
@@ -467,21 +532,26 @@ def base_vlm(model_cfg, c, init_from, seed, device, pretrained=None):
     return model.to(device)
 
 
+def set_mode(module, part, c):
+    """Freeze, train, or adapt with LoRA / QLoRA one part: c['vision_mode'] or c['llm_mode']."""
+    mode = c.get(f'{part}_mode', 'full')
+    if mode not in MODES:
+        raise SystemExit(f"config error: --{part}_mode={mode!r}: use one of {', '.join(MODES)}")
+    if mode in ('frozen', 'full'):
+        module.requires_grad_(mode == 'full')
+    else:
+        if mode == 'qlora' and c['qlora_quant_type'] not in ('nf4', 'fp4'):
+            raise SystemExit(f"config error: --qlora_quant_type={c['qlora_quant_type']!r}: use 'nf4' or 'fp4'")
+        apply_lora(module, c['lora_targets'], c['lora_r'], c['lora_alpha'], c['lora_dropout'], c['rslora'],
+                   quantize=c['qlora_quant_type'] if mode == 'qlora' else None,
+                   double_quant=c['qlora_double_quant'], compute_dtype=getattr(torch, c['dtype']))
+
+
 def setup_modes(model, c):
     """Freeze, train, or adapt with LoRA / QLoRA the vision tower and the LLM (c['vision_mode'],
     c['llm_mode']); the connector always trains."""
     for part, module in (('vision', model.vision_tower), ('llm', model.llm)):
-        mode = c.get(f'{part}_mode', 'full')
-        if mode not in MODES:
-            raise SystemExit(f"config error: --{part}_mode={mode!r}: use one of {', '.join(MODES)}")
-        if mode == 'frozen':
-            module.requires_grad_(False)
-        elif mode in ('lora', 'qlora'):
-            if mode == 'qlora' and c['qlora_quant_type'] not in ('nf4', 'fp4'):
-                raise SystemExit(f"config error: --qlora_quant_type={c['qlora_quant_type']!r}: use 'nf4' or 'fp4'")
-            apply_lora(module, c['lora_targets'], c['lora_r'], c['lora_alpha'], c['lora_dropout'], c['rslora'],
-                       quantize=c['qlora_quant_type'] if mode == 'qlora' else None,
-                       double_quant=c['qlora_double_quant'], compute_dtype=getattr(torch, c['dtype']))
+        set_mode(module, part, c)
     if isinstance(model.llm, HFCausalLM):
         if c.get('grad_checkpointing', False):  # the Hugging Face model's own block checkpointing
             model.llm.model.gradient_checkpointing_enable(
@@ -514,8 +584,42 @@ def build_vlm(model_cfg, c, device, ckpt=None, source='checkpoint', pretrained=N
     return model, base
 
 
+def build_hf_vlm(c, device, ckpt=None, source='checkpoint'):
+    """The Hugging Face VLM c['hf_vlm'] on device, its vision tower and language model set up per c's modes,
+    everything else (connector, output head) frozen; with ckpt's trained tensors if given. Like build_vlm's
+    partial checkpoints, its checkpoints hold only what trained, and base: the model's name and fingerprint,
+    which a rebuilt base must match. Returns (model, base)."""
+    if c['init_from'] not in ('scratch', 'resume'):
+        raise SystemExit(f"config error: --init_from={c['init_from']!r}: a hf_vlm run starts from its Hugging Face "
+                         f"model ('scratch') or resumes ('resume')")
+    if any(c.get(k) for k in ('vision_lr', 'connector_lr', 'llm_lr')):
+        raise SystemExit('config error: vision_lr, connector_lr and llm_lr name glimpse\'s own parts; with hf_vlm '
+                         'leave them at 0 (learning_rate applies to everything that trains)')
+    if c.get('isolate_turns'):
+        raise SystemExit('config error: isolate_turns=True needs glimpse\'s own VLM; hf_vlm runs train whole '
+                         'conversations')
+    name = c['hf_vlm']  # a moved model directory can be given anew: the fingerprint checks it
+    model = HFVLM(name, c.get('trust_remote_code', False)).to(device)
+    base = dict(base_fingerprint(model), hf_vlm=name)
+    if ckpt:
+        check_fingerprint(ckpt['base'], base, source)
+    model.requires_grad_(False)
+    set_mode(model.vision_tower, 'vision', c)
+    set_mode(model.llm, 'llm', c)
+    if c.get('llm_mode') == 'full':  # the output head sits outside the language model in these models
+        model.model.get_output_embeddings().requires_grad_(True)
+    if c.get('grad_checkpointing', False):
+        model.model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={'use_reentrant': False, 'context_fn': checkpoint_context})
+    if ckpt:
+        load_trained_state_dict(model, ckpt['model'], source)
+    return model, base
+
+
 def load_vlm(ckpt, device):
     """The model of a checkpoint, as it was trained (LoRA adapters on a rebuilt base, or full weights)."""
+    if ckpt['config'].get('hf_vlm'):
+        return build_hf_vlm(ckpt['config'], device, ckpt)[0]
     return build_vlm(VLMConfig.from_dict(ckpt['model_config']), ckpt['config'], device, ckpt)[0]
 
 

@@ -9,7 +9,7 @@ import torch
 
 import classify
 from classify import parse_answer
-from conftest import TINY, run
+from conftest import TINY, make_tiny_idefics3, run
 
 SHAPES = ['circle', 'square', 'triangle', 'diamond', 'cross']
 
@@ -108,40 +108,6 @@ def test_bad_class_alias_and_prompt_file_are_one_line_errors(tiny_run, shapes_di
     p = run([sys.executable, 'classify.py', f'--out_dir={tiny_run}', f'--data_dir={shapes_dir}',
              f'--template=@{tmp_path}/none.txt'], check=False)
     assert p.returncode != 0 and 'Traceback' not in p.stderr and 'none.txt' in p.stderr
-
-
-# -----------------------------------------------------------------------------
-# a tiny random Idefics3 with a word-level tokenizer, built offline
-
-def make_tiny_idefics3(out):
-    from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
-    from transformers import (Idefics3Config, Idefics3ForConditionalGeneration, Idefics3ImageProcessor,
-                              Idefics3Processor, PreTrainedTokenizerFast)
-    specials = ['<pad>', '<unk>', '<|im_start|>', '<end_of_utterance>', '<image>', '<fake_token_around_image>',
-                '<global-img>']
-    words = ['user', 'assistant', 'system', ':', 'what', 'shape', 'is', 'the', 'large', 'object', '?', 'a', '.', ',',
-             'describe', 'image', 'be', 'brief'] + SHAPES
-    vocab = {w: i for i, w in enumerate(specials + words)}
-    raw = RawTokenizer(models.WordLevel(vocab, unk_token='<unk>'))
-    raw.pre_tokenizer = pre_tokenizers.Whitespace()
-    raw.decoder = decoders.WordPiece()
-    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token='<pad>', unk_token='<unk>', bos_token='<|im_start|>',
-                                  eos_token='<end_of_utterance>', additional_special_tokens=specials[4:])
-    chat = ("{% for m in messages %}<|im_start|>{{ m['role'] }} :{% for c in m['content'] %}"
-            "{% if c['type'] == 'image' %}<image>{% else %} {{ c['text'] }}{% endif %}{% endfor %}"
-            "<end_of_utterance>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant :{% endif %}")
-    images = Idefics3ImageProcessor(do_image_splitting=False, size={'longest_edge': 32},
-                                    max_image_size={'longest_edge': 32})
-    processor = Idefics3Processor(image_processor=images, tokenizer=tok, image_seq_len=4, chat_template=chat)
-    cfg = Idefics3Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=8),  # 16 patches, pixel shuffle 2 -> 4 image tokens
-        text_config=dict(model_type='llama', vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0),
-        scale_factor=2, image_token_id=vocab['<image>'], pad_token_id=0)
-    torch.manual_seed(0)
-    Idefics3ForConditionalGeneration(cfg).save_pretrained(out)
-    processor.save_pretrained(out)
 
 
 def test_hugging_face_vlm(shapes_dir, tmp_path):
