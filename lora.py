@@ -58,7 +58,9 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        a = F.linear(self.dropout(x).to(self.lora_A.dtype), self.lora_A)  # (..., r); autocast may lower it
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.lora_A.dtype)  # (under autocast, F.linear picks the dtype: no copy of x in fp32)
+        a = F.linear(self.dropout(x), self.lora_A)  # (..., r)
         return y + (F.linear(a, self.lora_B) * self.scale).to(y.dtype)
 
     def delta(self):

@@ -3,7 +3,7 @@
 #   align:    python train_vlm.py config/shapes_smollm2.py
 #             (only the new connector trains: it learns to speak to the frozen LLM about the frozen tower)
 #   finetune: python train_vlm.py config/shapes_smollm2.py --init_from=out/shapes_smollm2_align \
-#                 --out_dir=out/shapes_smollm2 --llm_mode=lora --learning_rate=3e-4 --min_lr=3e-5
+#                 --out_dir=out/shapes_smollm2 --llm_mode=lora --learning_rate=1e-4 --min_lr=1e-5
 #             (the align run's weights, a fresh optimizer; connector + LoRA adapters on the LLM train;
 #              --llm_mode=qlora puts the adapters on a 4-bit base, --llm_mode=full trains every weight)
 # Then: python sample.py --out_dir=out/shapes_smollm2 --prompt "What is the capital of France?"
@@ -36,3 +36,6 @@ eval_questions = 100
 val_batches = 2
 test_questions = 500  # of the 5000 test questions: generation with SmolLM2 on a CPU is slow
 log_interval = 5
+# finetune: LoRA dropout draws a mask per wrapped layer per step, which here cost a third of each step
+# (2.2 against 3.4 img/s); 300 steps over 50,000 images do not overfit
+lora_dropout = 0.0
