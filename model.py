@@ -1475,7 +1475,9 @@ class FrozenTextEncoder:
         self.tokenizer.padding_side = 'right'
         self.model = AutoModel.from_pretrained(path, **kw).to(device).eval().requires_grad_(False)
         cfg = self.model.config
-        self.causal = any(a.endswith('ForCausalLM') for a in cfg.architectures or []) or cfg.is_decoder
+        # a GGUF file holds a language model; its config names no architectures
+        self.causal = bool(gguf) or any(a.endswith('ForCausalLM') for a in cfg.architectures or []) or \
+            getattr(cfg, 'is_decoder', False)
         self.layer = layer or (cfg.num_hidden_layers // 2 if self.causal else -1)
         self.dim = cfg.hidden_size
         self.device = device

@@ -229,6 +229,21 @@ def smollm2():
     return tok, llm.eval(), ref
 
 
+def test_smollm2_gguf_as_a_frozen_text_tower(smollm2):
+    """train_siglip.py --text_tower=smollm2: the middle layer's hidden states, mean-pooled without the first
+    (attention-sink) token, equal transformers' own for each text of a right-padded batch."""
+    from model import FrozenTextEncoder
+    ref = smollm2[2]
+    enc = FrozenTextEncoder(smollm2_gguf())
+    assert enc.causal and enc.layer == ref.config.num_hidden_layers // 2 == 15
+    texts = ['a red circle.', 'at the top right a large blue square, at the bottom a small green cross.']
+    feats = enc(texts)
+    for text, f in zip(texts, feats):
+        with torch.no_grad():
+            h = ref.model(**enc.tokenizer(text, return_tensors='pt'), output_hidden_states=True).hidden_states[15]
+        torch.testing.assert_close(f, h[0, 1:].mean(0), rtol=1e-4, atol=1e-4)
+
+
 def test_smollm2_gguf_logits_match_transformers(smollm2):
     tok, llm, ref = smollm2
     ids = torch.tensor([tok.encode('The capital of France is Paris, and the capital of Italy is')])
