@@ -1391,22 +1391,36 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x)
 
 
-def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False):
+@torch.compiler.disable
+def gather_ids(x):  # (B,) -> (W*B,), no gradient
+    import torch.distributed as dist
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False, text_ids=None):
     """The sigmoid loss (Zhai et al. 2023, eq. 1) of unit-norm img_emb (B, D) and txt_emb (B, D): every
     image against every text, -log sigmoid(z * (exp(t') cos + b)) with z = +1 for the image's own text and
     -1 for all others, summed over pairs and averaged over images. distributed=True: each rank's images
     meet the texts of all ranks (gathered with their gradient; rank r's own texts sit at rows r*B..);
-    dividing by the local B makes DDP's mean over ranks equal one process on the global batch."""
+    dividing by the local B makes DDP's mean over ranks equal one process on the global batch.
+    text_ids (B,): an id per text; a text identical to the image's own (same id) is a positive too, not
+    a negative that pulls the image away from its own caption (short captions repeat within a batch)."""
     B = img_emb.shape[0]
     offset = 0
     if distributed:
         import torch.distributed as dist
         txt_emb = gather_with_grad(txt_emb)  # (W*B, D)
         offset = dist.get_rank() * B
+    all_ids = gather_ids(text_ids) if distributed and text_ids is not None else text_ids  # (W*B,)
     with torch.autocast(img_emb.device.type, enabled=False):  # logits and loss in fp32
         logits = img_emb.float() @ txt_emb.float().T * log_t.float().exp() + bias.float()  # (B, W*B)
-        z = torch.full_like(logits, -1.0)
-        z[torch.arange(B), offset + torch.arange(B)] = 1.0
+        if text_ids is None:
+            z = torch.full_like(logits, -1.0)
+            z[torch.arange(B), offset + torch.arange(B)] = 1.0
+        else:
+            z = (text_ids[:, None] == all_ids[None, :]).float() * 2 - 1
         return -F.logsigmoid(z * logits).sum() / B
 
 
@@ -1446,9 +1460,9 @@ class SigLIP(nn.Module):
         x = self.text_tower(ids, mask) if self.text_tower is not None else features
         return F.normalize(self.text_head(x.to(self.text_head.weight.dtype)), dim=-1)
 
-    def forward(self, images, ids=None, mask=None, features=None, distributed=False):
+    def forward(self, images, ids=None, mask=None, features=None, distributed=False, text_ids=None):
         return siglip_loss(self.encode_image(images), self.encode_text(ids, mask, features),
-                           self.log_t, self.bias, distributed)
+                           self.log_t, self.bias, distributed, text_ids)
 
 
 # -----------------------------------------------------------------------------

@@ -122,6 +122,8 @@ def zero_shot_tasks(meta, recs):
 
 
 tasks = zero_shot_tasks(val_set.meta, val_recs)
+# an id per distinct caption: a batch's identical captions are positives of each other's images (siglip_loss)
+caption_id = {c: i for i, c in enumerate(dict.fromkeys(c for r in train_recs for c in r['captions']))}
 ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
 if ckpt:  # the towers a run was started with stay its towers
     text_tower, image_tower = ckpt['config']['text_tower'], ckpt['config']['image_tower']
@@ -265,11 +267,11 @@ def evaluate():
             for s in range(0, len(val_recs), 256)])  # (N, D)
         caps = [r['captions'][0] for r in val_recs]
         txt = embed_texts(caps)  # (N, D)
-        out = {'val_loss': sum(siglip_loss(img[s:s + batch_size], txt[s:s + batch_size], raw_model.log_t,
-                                           raw_model.bias).item() * len(img[s:s + batch_size])
-                               for s in range(0, len(img), batch_size)) / len(img)}
         ids = {}
         cap_id = torch.tensor([ids.setdefault(c, len(ids)) for c in caps], device=img.device)
+        out = {'val_loss': sum(siglip_loss(img[s:s + batch_size], txt[s:s + batch_size], raw_model.log_t,
+                                           raw_model.bias, text_ids=cap_id[s:s + batch_size]).item()
+                               * len(img[s:s + batch_size]) for s in range(0, len(img), batch_size)) / len(img)}
         same = cap_id[:, None] == cap_id[None, :]  # (N, N): the same caption text
         sim = img @ txt.T
         for k in (1, 5):
@@ -325,8 +327,9 @@ while True:
     mine = range(rank * batch_size, (rank + 1) * batch_size)
     recs = [train_recs[idx[i]] for i in mine]
     texts = [r['captions'][draw[i] % len(r['captions'])] for i, r in zip(mine, recs)]
+    text_ids = torch.tensor([caption_id[t] for t in texts], device=device)
     with amp():
-        loss = model(image_batch(recs), **text_batch(texts), distributed=ddp)
+        loss = model(image_batch(recs), **text_batch(texts), distributed=ddp, text_ids=text_ids)
     scaler.scale(loss).backward()  # DDP averages over ranks: with loss / local B, the global-batch gradient
     if grad_clip > 0:
         scaler.unscale_(optimizer)

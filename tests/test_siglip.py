@@ -14,12 +14,12 @@ SIGLIP_TINY = ['--vit_layers=1', '--vit_width=32', '--vit_heads=2', '--text_laye
                '--text_heads=2', '--embed_dim=32', '--device=cpu', '--log_interval=1']
 
 
-def reference_loss(img, txt, t, b):
-    """Zhai et al. 2023, eq. 1 written out pair by pair."""
+def reference_loss(img, txt, t, b, text_ids=None):
+    """Zhai et al. 2023, eq. 1 written out pair by pair; with text_ids, pairs of identical texts are positives."""
     total = 0.0
     for i in range(img.shape[0]):
         for j in range(txt.shape[0]):
-            z = 1.0 if i == j else -1.0
+            z = 1.0 if (i == j if text_ids is None else text_ids[i] == text_ids[j]) else -1.0
             total += math.log(1 + math.exp(-z * (t * float(img[i] @ txt[j]) + b)))
     return total / img.shape[0]
 
@@ -36,6 +36,11 @@ def test_siglip_loss_matches_pairwise_reference_and_stays_fp32_under_autocast():
     with torch.autocast('cpu', dtype=torch.bfloat16):
         under_amp = siglip_loss(img, txt, log_t, bias)
     assert under_amp.dtype == torch.float32 and under_amp.item() == siglip_loss(img, txt, log_t, bias).item()
+    # a repeated caption: image 0's text is also image 4's, so (0, 4) and (4, 0) are positive pairs
+    text_ids = [7, 1, 2, 3, 7, 5]
+    with_ids = siglip_loss(img, txt, log_t, bias, text_ids=torch.tensor(text_ids)).item()
+    assert abs(with_ids - reference_loss(img, txt, math.exp(1.3), -2.0, text_ids)) < 1e-4
+    assert abs(with_ids - siglip_loss(img, txt, log_t, bias).item()) > 1e-3
 
 
 def tiny_siglip():
@@ -52,20 +57,23 @@ def tiny_siglip():
     return model, images, ids, mask
 
 
+TEXT_IDS = [0, 1, 2, 3, 0, 5, 2, 7]  # captions 0 and 4 (and 2 and 6) are the same text, on different ranks
+
+
 DDP_WORKER = '''
 import os, sys
 sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from test_siglip import tiny_siglip
+from test_siglip import TEXT_IDS, tiny_siglip
 dist.init_process_group('gloo')
 rank, world = dist.get_rank(), dist.get_world_size()
 model, images, ids, mask = tiny_siglip()
 ddp = DDP(model)
 B = images.shape[0] // world
 sl = slice(rank * B, (rank + 1) * B)
-loss = ddp(images[sl], ids[sl], mask[sl], distributed=True)
+loss = ddp(images[sl], ids[sl], mask[sl], distributed=True, text_ids=torch.tensor(TEXT_IDS)[sl])
 loss.backward()
 mean_loss = loss.detach().clone()
 dist.all_reduce(mean_loss)
@@ -85,7 +93,7 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch(tm
     run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', str(worker)])
     two = torch.load(out, weights_only=True)
     model, images, ids, mask = tiny_siglip()
-    loss = model(images, ids, mask)
+    loss = model(images, ids, mask, text_ids=torch.tensor(TEXT_IDS))
     loss.backward()
     assert abs(two['loss'].item() - loss.item()) < 1e-5, (two['loss'], loss)
     for n, p in model.named_parameters():
