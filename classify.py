@@ -154,14 +154,12 @@ class GlimpseModel:
     eot_id, image_token_id, pad_id), so any tokenizer behind it works."""
 
     def __init__(self, out_dir, device='auto', dtype='auto', ckpt=None):
-        from model import VLM, VLMConfig, Tokenizer
-        from training import load_checkpoint, pick_device, pick_dtype
+        from model import Tokenizer
+        from training import load_checkpoint, load_vlm, pick_device, pick_dtype
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device.split(':')[0])
         ckpt = ckpt or load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), self.device)
-        self.model = VLM(VLMConfig.from_dict(ckpt['model_config']))
-        self.model.load_state_dict(ckpt['model'])
-        self.model.to(self.device).eval()
+        self.model = load_vlm(ckpt, self.device).eval()  # full weights, or a pretrained base + the run's adapters
         tok_state = ckpt['tokenizer']
         self.tok = Tokenizer.from_state(tok_state)
         self.size = self.model.cfg.vision.image_size

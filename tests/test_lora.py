@@ -231,3 +231,9 @@ def test_lora_and_qlora_runs_learn_save_adapters_only_resume_and_merge(shapes_di
     a = load_vlm(load_checkpoint(out / 'ckpt.pt'), 'cpu').eval().chat(tok, images, ['how many shapes?'] * 4)
     b = load_vlm(merged, 'cpu').eval().chat(tok, images, ['how many shapes?'] * 4)
     assert a == b
+    # classify.py takes a LoRA run (base + adapters) and scores as the merged export does
+    import classify
+    scored = [classify.predict_batch(classify.load_model(out_dir=str(d), device='cpu', dtype='float32'), list(images),
+                                     ['circle', 'square', 'triangle']) for d in (out, tmp_path / 'merged')]
+    assert [x[0] for x in scored[0]] == [x[0] for x in scored[1]]
+    assert np.allclose([x[1] for x in scored[0]], [x[1] for x in scored[1]], atol=1e-4)
