@@ -267,11 +267,14 @@ while True:
     # one optimizer step: grad_accum micro-batches on each of world_size processes
     order.take(batch_size * grad_accum * world_size)  # the loader builds these; order keeps the resume state
     micro, n_truncated = next(loader)
+    # token counts from the loader's CPU tensors: read from the GPU, each would wait for the kernels before it
+    counts = [(len(b['input_ids']), int((b['input_ids'] == model_cfg.image_token_id).sum()),
+               int(b['attention_mask'].sum()), int((b['targets'] != IGNORE_INDEX).sum())) for b in micro]
     micro = [{key: v.to(device) for key, v in b.items()} for b in micro]
     if n_truncated:
         stats['truncated'] += n_truncated
     # normalise by the supervised tokens of the whole step, over micro-steps and processes
-    n_sup = torch.tensor(float(sum(int((b['targets'] != IGNORE_INDEX).sum()) for b in micro)), device=device)
+    n_sup = torch.tensor(float(sum(c[3] for c in counts)), device=device)
     if ddp:
         torch.distributed.all_reduce(n_sup)
     loss_acc = torch.zeros((), device=device)
@@ -283,8 +286,8 @@ while True:
             # DDP averages gradients over processes; multiplying by world_size turns that into a sum
             scaler.scale(loss_sum * world_size / n_sup).backward()
         loss_acc += loss_sum.detach()
-        B, n_image = len(batch['input_ids']), int((batch['input_ids'] == model_cfg.image_token_id).sum())
-        n_text = int(batch['attention_mask'].sum()) - n_image
+        B, n_image, n_tokens, _ = counts[k]
+        n_text = n_tokens - n_image
         tokens_text += n_text
         tokens_img += n_image
         images_seen += B
