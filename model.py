@@ -1493,6 +1493,11 @@ class FrozenTextEncoder:
         self.causal = bool(gguf) or any(a.endswith('ForCausalLM') for a in cfg.architectures or []) or \
             getattr(cfg, 'is_decoder', False)
         self.layer = layer or (cfg.num_hidden_layers // 2 if self.causal else -1)
+        blocks = getattr(self.model, 'layers', None)  # a decoder's blocks (Llama-style models)
+        if self.layer > 0 and isinstance(blocks, nn.ModuleList) and self.layer + 1 < len(blocks):
+            # the blocks after the pooled layer never change it: drop them (SmolLM2 at layer 15: 2x faster).
+            # One more is kept: transformers returns the last hidden state after the final norm.
+            self.model.layers = blocks[:self.layer + 1]
         self.dim = cfg.hidden_size
         self.device = device
 

@@ -236,6 +236,7 @@ def test_smollm2_gguf_as_a_frozen_text_tower(smollm2):
     ref = smollm2[2]
     enc = FrozenTextEncoder(smollm2_gguf())
     assert enc.causal and enc.layer == ref.config.num_hidden_layers // 2 == 15
+    assert len(enc.model.layers) == 16  # the blocks after the pooled layer are dropped; the features below stay exact
     texts = ['a red circle.', 'at the top right a large blue square, at the bottom a small green cross.']
     feats = enc(texts)
     for text, f in zip(texts, feats):
