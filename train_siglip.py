@@ -24,8 +24,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from configurator import apply_config
 from model import FrozenTextEncoder, SigLIP, SigLIPConfig, TextConfig, Tokenizer, ViTConfig, siglip_loss
-from training import (DataOrder, VLMDataset, autocast_context, load_checkpoint, lr_at, make_optimizer, pick_dtype,
-                      raw_state_dict, save_checkpoint, seed_everything, setup_distributed)
+from training import (DataOrder, VLMDataset, autocast_context, finish_distributed, load_checkpoint, lr_at,
+                      make_optimizer, pick_dtype, raw_state_dict, save_checkpoint, seed_everything, setup_distributed)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -359,6 +359,7 @@ while True:
 if master:
     print(f'{iter_num} iterations, {train_time / 60:.1f} min of training; '
           f'image tower for train_vlm.py: --vision={out_dir}' * (model_cfg.image_tower == 'vit'))
+if master and wandb_log:
+    wandb.finish()
 if ddp:
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    finish_distributed()

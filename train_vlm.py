@@ -22,10 +22,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from configurator import apply_config
 from model import IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
 from lora import DEFAULT_TARGETS, trained_state_dict
-from training import (DataOrder, VLMDataset, autocast_context, build_hf_vlm, build_vlm, caption_scores, load_checkpoint,
-                      load_llm, lr_at, make_optimizer, measure_peak_flops, pick_dtype, pretrained_vision, qa_accuracy,
-                      raw_state_dict, save_checkpoint, setup_distributed, seed_everything, step_batches, val_loss,
-                      vlm_config)
+from training import (DataOrder, VLMDataset, autocast_context, build_hf_vlm, build_vlm, caption_scores,
+                      finish_distributed, load_checkpoint, load_llm, lr_at, make_optimizer, measure_peak_flops,
+                      pick_dtype, pretrained_vision, qa_accuracy, raw_state_dict, save_checkpoint, setup_distributed,
+                      seed_everything, step_batches, val_loss, vlm_config)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -335,6 +335,9 @@ if master:
         print(f'held-out test accuracy on {n} questions: ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items())))
         with open(os.path.join(out_dir, 'test_accuracy.json'), 'w') as f:
             json.dump({'questions': n, 'accuracy': acc, 'iter': iter_num, 'train_minutes': train_time / 60}, f)
+if master and wandb_log:
+    wandb.finish()
+if master and tensorboard_log:
+    tb.close()
 if ddp:
-    torch.distributed.barrier()  # rank 0 may still be testing: leave together
-    torch.distributed.destroy_process_group()
+    finish_distributed()  # rank 0 may still be testing: leave together
