@@ -109,3 +109,12 @@ def test_cifar10_recipes_siglip_stage_then_qlora_vlm(tmp_path):
                      f'--llm={tmp_path / "phi"}', '--eval_questions=2', '--eval_captions=2')
     assert ckpt['config']['llm_mode'] == 'qlora' and any('lora_' in k for k in ckpt['model'])
     assert not any(k.startswith('vision_tower.') for k in ckpt['model'])  # the stage-1 tower, frozen
+
+
+def test_shapes_bridge_recipe(shapes_dir, tiny_run, tmp_path):
+    """config/shapes_bridge.py: a shapes run's tower and LLM stay frozen; only the bridge trains."""
+    p, ckpt = recipe('config/shapes_bridge.py', shapes_dir, tmp_path / 'out', f'--vision={tiny_run}',
+                     f'--llm={tiny_run}', '--test_at_end=False', '--learning_rate=1e-2')
+    assert '0 image tokens' in p.stdout
+    assert {k.split('.')[0] for k in ckpt['model']} == {'connector'}  # what trained; the rest is the tiny run's
+    assert ckpt['model']['connector.gate_attn'].abs().item() > 0  # the bridge moved off the identity
