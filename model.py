@@ -1391,14 +1391,6 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x)
 
 
-@torch.compiler.disable
-def gather_ids(x):  # (B,) -> (W*B,), no gradient
-    import torch.distributed as dist
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
-
-
 def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False, text_ids=None):
     """The sigmoid loss (Zhai et al. 2023, eq. 1) of unit-norm img_emb (B, D) and txt_emb (B, D): every
     image against every text, -log sigmoid(z * (exp(t') cos + b)) with z = +1 for the image's own text and
@@ -1413,14 +1405,14 @@ def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False, text_ids=None)
         import torch.distributed as dist
         txt_emb = gather_with_grad(txt_emb)  # (W*B, D)
         offset = dist.get_rank() * B
-    all_ids = gather_ids(text_ids) if distributed and text_ids is not None else text_ids  # (W*B,)
+    if text_ids is None:  # every text is distinct: each image's own is the only positive
+        text_ids = offset + torch.arange(B, device=img_emb.device)
+        all_ids = torch.arange(txt_emb.shape[0], device=img_emb.device)
+    else:
+        all_ids = gather_with_grad(text_ids) if distributed else text_ids  # (W*B,); integers carry no gradient
     with torch.autocast(img_emb.device.type, enabled=False):  # logits and loss in fp32
         logits = img_emb.float() @ txt_emb.float().T * log_t.float().exp() + bias.float()  # (B, W*B)
-        if text_ids is None:
-            z = torch.full_like(logits, -1.0)
-            z[torch.arange(B), offset + torch.arange(B)] = 1.0
-        else:
-            z = (text_ids[:, None] == all_ids[None, :]).float() * 2 - 1
+        z = (text_ids[:, None] == all_ids[None, :]).float() * 2 - 1  # +1 for the same text, -1 otherwise
         return -F.logsigmoid(z * logits).sum() / B
 
 

@@ -77,8 +77,12 @@ loss = ddp(images[sl], ids[sl], mask[sl], distributed=True, text_ids=torch.tenso
 loss.backward()
 mean_loss = loss.detach().clone()
 dist.all_reduce(mean_loss)
+with torch.no_grad():  # without text ids: every caption distinct
+    plain = ddp(images[sl], ids[sl], mask[sl], distributed=True)
+dist.all_reduce(plain)
 if rank == 0:
-    torch.save({{'loss': mean_loss / world, 'grads': {{n: p.grad for n, p in model.named_parameters()}}}}, {out!r})
+    torch.save({{'loss': mean_loss / world, 'plain': plain / world,
+                'grads': {{n: p.grad for n, p in model.named_parameters()}}}}, {out!r})
 dist.barrier()
 dist.destroy_process_group()
 # the results are on disk; skip interpreter teardown, where gloo's threads aborted a rank ('terminate called
@@ -96,6 +100,8 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch(tm
     loss = model(images, ids, mask, text_ids=torch.tensor(TEXT_IDS))
     loss.backward()
     assert abs(two['loss'].item() - loss.item()) < 1e-5, (two['loss'], loss)
+    with torch.no_grad():
+        assert abs(two['plain'].item() - model(images, ids, mask).item()) < 1e-5
     for n, p in model.named_parameters():
         assert p.grad is not None and two['grads'][n] is not None, n
         torch.testing.assert_close(two['grads'][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
