@@ -223,7 +223,8 @@ class GlimpseModel:
         with self.amp():
             ids = torch.tensor([prompt_ids] * B, device=self.device)  # (B, T)
             cache = KVCache(llm.cfg.n_layer)
-            h = llm(m.embed(ids, self.pixels(images)), torch.arange(T, device=self.device).expand(B, T),
+            image_embeds = m.image_embeddings(self.pixels(images))
+            h = llm(m.embed(ids, image_embeds=image_embeds), torch.arange(T, device=self.device).expand(B, T),
                     torch.ones_like(ids, dtype=torch.bool), cache)
             first = llm.lm_head(h[:, -1]).float().log_softmax(-1)[:, cont[:, 0]]  # (B, K): first answer token
             total = first
@@ -231,6 +232,8 @@ class GlimpseModel:
                 cache.k = [k.repeat_interleave(K, 0) for k in cache.k]  # (B*K, kv, T, hd)
                 cache.v = [v.repeat_interleave(K, 0) for v in cache.v]
                 x = llm.embed_tokens(cont[:, :-1]).repeat(B, 1, 1)  # (B*K, L-1, C): answer tokens 1..L-1 as input
+                if m.bridge:  # with the bridge every token attends to its image, the answer's too
+                    x = m.connector(x, image_embeds.repeat_interleave(K, 0).to(x.dtype))
                 key_valid = torch.cat([torch.ones(B * K, T, dtype=torch.bool, device=self.device),
                                        valid[:, :-1].repeat(B, 1)], 1)
                 pos = torch.arange(T, T + L - 1, device=self.device).expand(B * K, L - 1)

@@ -633,8 +633,12 @@ def training_flops_per_sample(cfg: VLMConfig, n_text_tokens, num_image_tokens, v
     T = n_text_tokens + num_image_tokens
     llm = (6 if llm_trains else 4) * (llm_params + d.n_embd * d.vocab_size) * T + 12 * d.n_layer * d.n_embd * T * T / 2
     c = cfg.connector
-    conn_in = c.in_dim * (c.scale_factor ** 2 if c.kind == 'pixel_shuffle' else 1)
-    conn = 6 * (conn_in * c.out_dim + c.out_dim ** 2) * num_image_tokens
+    if c.kind == 'bridge':  # projection and keys/values per image feature; query, output and 4x MLP per text token
+        C, N = c.out_dim, patches
+        conn = 6 * ((c.in_dim * C + 2 * C * C) * N + 10 * C * C * T) + 12 * C * T * N
+    else:
+        conn_in = c.in_dim * (c.scale_factor ** 2 if c.kind == 'pixel_shuffle' else 1)
+        conn = 6 * (conn_in * c.out_dim + c.out_dim ** 2) * num_image_tokens
     return vit + conn + llm
 
 

@@ -49,8 +49,16 @@ def reference_scores(model_forward, seqs):
     return out
 
 
-def test_score_equals_one_class_at_a_time(tiny_run, shapes_dir, tmp_path):
+@pytest.mark.parametrize('bridge', [False, True])
+def test_score_equals_one_class_at_a_time(tiny_run, shapes_dir, tmp_path, bridge):
     model = classify.load_model(tiny_run, device='cpu', dtype='float32')
+    if bridge:  # the run's model with a bridge instead: every answer token must see the image
+        from model import VLM, ConnectorConfig, VLMConfig
+        cfg = VLMConfig.from_dict(model.model.cfg.to_dict())
+        cfg.connector = ConnectorConfig(kind='bridge', in_dim=cfg.vision.n_embd, out_dim=cfg.llm.n_embd, n_head=4)
+        model.model = VLM(cfg).eval()
+        for gate in (model.model.connector.gate_attn, model.model.connector.gate_ff):
+            gate.data.fill_(0.5)
     images = np.load(os.path.join(shapes_dir, 'images.npy'))[:3]
     prompt = 'what shape is the large object?'
     answers = SHAPES + ['a large square']  # answers of different lengths, so the batch is padded
