@@ -1395,29 +1395,34 @@ def gather_with_grad(x):
     return _GatherWithGrad.apply(x)
 
 
-def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False, text_ids=None):
-    """The sigmoid loss (Zhai et al. 2023, eq. 1) of unit-norm img_emb (B, D) and txt_emb (B, D): every
-    image against every text, -log sigmoid(z * (exp(t') cos + b)) with z = +1 for the image's own text and
-    -1 for all others, summed over pairs and averaged over images. distributed=True: each rank's images
-    meet the texts of all ranks (gathered with their gradient; rank r's own texts sit at rows r*B..);
-    dividing by the local B makes DDP's mean over ranks equal one process on the global batch.
-    text_ids (B,): an id per text; a text identical to the image's own (same id) is a positive too, not
-    a negative that pulls the image away from its own caption (short captions repeat within a batch)."""
-    B = img_emb.shape[0]
-    offset = 0
+def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False, text_ids=None, image_ids=None):
+    """The sigmoid loss (Zhai et al. 2023, eq. 1) of unit-norm img_emb (B, D) and txt_emb (T, D): every
+    image against every text, -log sigmoid(z * (exp(t') cos + b)) with z = +1 for a text that describes
+    the image and -1 for all others, summed over pairs and averaged over images.
+    text_ids (T,): an id per distinct text. image_ids (B, K): the ids of each image's texts (-1 fills a
+    short row). A text is positive for an image when its id is one of the image's: an identical caption
+    (short captions repeat within a batch) or another of the image's captions is never pushed away.
+    By default image i's only text is row i (T = B); text_ids alone: image i's texts are those equal to text i.
+    distributed=True: each rank's images meet the texts of all ranks, gathered with their gradient (ranks
+    with fewer texts pad theirs, and the padding is left out); dividing by the local B makes DDP's mean
+    over ranks equal one process on the global batch."""
+    B, dev = img_emb.shape[0], img_emb.device
+    if text_ids is None:  # every text is distinct: each image's own is the only positive
+        text_ids = torch.arange(txt_emb.shape[0], device=dev) + (torch.distributed.get_rank() * B if distributed else 0)
+    if image_ids is None:
+        image_ids = text_ids[:B, None]
     if distributed:
         import torch.distributed as dist
-        txt_emb = gather_with_grad(txt_emb)  # (W*B, D)
-        offset = dist.get_rank() * B
-    if text_ids is None:  # every text is distinct: each image's own is the only positive
-        text_ids = offset + torch.arange(B, device=img_emb.device)
-        all_ids = torch.arange(txt_emb.shape[0], device=img_emb.device)
-    else:
-        all_ids = gather_with_grad(text_ids) if distributed else text_ids  # (W*B,); integers carry no gradient
-    with torch.autocast(img_emb.device.type, enabled=False):  # logits and loss in fp32
-        logits = img_emb.float() @ txt_emb.float().T * log_t.float().exp() + bias.float()  # (B, W*B)
-        z = (text_ids[:, None] == all_ids[None, :]).float() * 2 - 1  # +1 for the same text, -1 otherwise
-        return -F.logsigmoid(z * logits).sum() / B
+        n = torch.tensor([txt_emb.shape[0]], device=dev)
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        pad = int(n) - txt_emb.shape[0]
+        txt_emb = gather_with_grad(F.pad(txt_emb, (0, 0, 0, pad)))  # (W*T, D)
+        text_ids = gather_with_grad(F.pad(text_ids, (0, pad), value=-1))  # integers carry no gradient
+    with torch.autocast(dev.type, enabled=False):  # logits and loss in fp32
+        logits = img_emb.float() @ txt_emb.float().T * log_t.float().exp() + bias.float()  # (B, W*T)
+        positive = (image_ids[:, :, None] == text_ids[None, None, :]).any(1)  # (B, W*T)
+        real = (text_ids >= 0).float()  # padding scores nothing
+        return -(F.logsigmoid((positive.float() * 2 - 1) * logits) * real).sum() / B
 
 
 class SigLIP(nn.Module):
@@ -1456,9 +1461,9 @@ class SigLIP(nn.Module):
         x = self.text_tower(ids, mask) if self.text_tower is not None else features
         return F.normalize(self.text_head(x.to(self.text_head.weight.dtype)), dim=-1)
 
-    def forward(self, images, ids=None, mask=None, features=None, distributed=False, text_ids=None):
+    def forward(self, images, ids=None, mask=None, features=None, distributed=False, text_ids=None, image_ids=None):
         return siglip_loss(self.encode_image(images), self.encode_text(ids, mask, features),
-                           self.log_t, self.bias, distributed, text_ids)
+                           self.log_t, self.bias, distributed, text_ids, image_ids)
 
 
 # -----------------------------------------------------------------------------

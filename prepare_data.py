@@ -190,7 +190,11 @@ def shapes_sample(args):
     for x in qa + [{'q': 'describe the image.', 'a': caption}]:
         turns += [{'role': 'user', 'content': x['q']}, {'role': 'assistant', 'content': x['a']}]
     turns[0]['content'] = IMAGE_TOKEN + '\n' + turns[0]['content']
-    record = dict(turns=turns, captions=[caption], label=SHAPES.index(large['shape']), qa=qa, objects=objects)
+    # captions for stage 1: the scene, then each object alone without its position ('a large red circle.').
+    # Whole-scene captions are told apart by positions and colours, so a contrastive batch of them never
+    # needs the shapes; among the 60 short ones, a batch holds several that differ only in the shape or size.
+    captions = [caption] + [f"a {o['size']} {o['color']} {o['shape']}." for o in objects]
+    record = dict(turns=turns, captions=captions, label=SHAPES.index(large['shape']), qa=qa, objects=objects)
     return pixels, record
 
 

@@ -58,7 +58,9 @@ embed_dim = 128  # the shared image/text embedding
 init_logit_scale = 10.0
 init_logit_bias = -10.0
 # optimisation (no grad_accum: the loss couples every image with every text of the step)
-batch_size = 128  # per process; each image meets batch_size x world_size texts
+batch_size = 128  # per process; each image meets batch_size x world_size texts (or all their captions)
+captions_per_step = 'one'  # 'one': one caption per image, drawn at each step; 'all': every caption of the step's
+# images, each a positive for every image it describes (on shapes this is what learns the shapes: README)
 max_iters = 2000
 learning_rate = 1e-3
 min_lr = 1e-4
@@ -105,23 +107,25 @@ if not train_recs or not val_recs:
 
 def zero_shot_tasks(meta, recs):
     """[(task, class names, templates, labels)] for zero-shot classification. A class is the mean
-    embedding of its name in every template (prompt ensembling, as in CLIP). On shapes the templates are
-    the captions' own words around the large object ('at the top a large red {}.'), over every
-    position and every value of the other attribute; elsewhere, generic photo templates."""
+    embedding of its name in every template (prompt ensembling, as in CLIP). On shapes, the large object's
+    shape and colour, with templates in the words of the per-object captions ('a large red {}.', over every
+    value of the other attribute): they describe one object, as the question does, where a whole-scene
+    template ('at the top a large red {}.') meets the other objects of the scene too; elsewhere, generic
+    photo templates."""
     if meta.get('source') == 'shapes':
-        from prepare_data import COLORS, POSITIONS, SHAPES
+        from prepare_data import COLORS, SHAPES
         large = [next(o for o in r['objects'] if o['size'] == 'large') for r in recs]
         colors = list(COLORS)
-        return [('shape', list(SHAPES), [f'at the {p} a large {c} {{}}.' for p in POSITIONS for c in colors],
-                 [r['label'] for r in recs]),
-                ('color', colors, [f'at the {p} a large {{}} {s}.' for p in POSITIONS for s in SHAPES],
-                 [colors.index(o['color']) for o in large])]
+        return [('shape', list(SHAPES), [f'a large {c} {{}}.' for c in colors], [r['label'] for r in recs]),
+                ('color', colors, [f'a large {{}} {s}.' for s in SHAPES], [colors.index(o['color']) for o in large])]
     if meta.get('class_names'):
         return [('label', meta['class_names'], ['a photo of a {}.', 'a {}.', '{}'], [r.get('label') for r in recs])]
     return []
 
 
 tasks = zero_shot_tasks(val_set.meta, val_recs)
+if captions_per_step not in ('one', 'all'):
+    raise SystemExit(f"config error: captions_per_step='{captions_per_step}'; use 'one' or 'all'")
 # an id per distinct caption: a batch's identical captions are positives of each other's images (siglip_loss)
 caption_id = {c: i for i, c in enumerate(dict.fromkeys(c for r in train_recs for c in r['captions']))}
 ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
@@ -320,16 +324,22 @@ while True:
         break
     t_step = time.perf_counter()
 
-    # one step: this rank's slice of the global batch; one caption per image, drawn per step
+    # one step: this rank's slice of the global batch; one caption per image drawn per step, or all of them
     idx = order.take(batch_size * world_size)
     g = torch.Generator().manual_seed(seed * 1_000_003 + iter_num)  # the same draw on every rank and on resume
     draw = torch.randint(0, 2 ** 30, (len(idx),), generator=g).tolist()
     mine = range(rank * batch_size, (rank + 1) * batch_size)
     recs = [train_recs[idx[i]] for i in mine]
-    texts = [r['captions'][draw[i] % len(r['captions'])] for i, r in zip(mine, recs)]
+    if captions_per_step == 'all':
+        texts = [c for r in recs for c in r['captions']]
+    else:
+        texts = [r['captions'][draw[i] % len(r['captions'])] for i, r in zip(mine, recs)]
     text_ids = torch.tensor([caption_id[t] for t in texts], device=device)
+    K = max(len(r['captions']) for r in recs)  # a text is positive for every image it is a caption of
+    image_ids = torch.tensor([[caption_id[c] for c in r['captions']] + [-1] * (K - len(r['captions'])) for r in recs],
+                             device=device)
     with amp():
-        loss = model(image_batch(recs), **text_batch(texts), distributed=ddp, text_ids=text_ids)
+        loss = model(image_batch(recs), **text_batch(texts), distributed=ddp, text_ids=text_ids, image_ids=image_ids)
     scaler.scale(loss).backward()  # DDP averages over ranks: with loss / local B, the global-batch gradient
     if grad_clip > 0:
         scaler.unscale_(optimizer)

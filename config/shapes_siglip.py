@@ -3,6 +3,13 @@
 #   python train_siglip.py config/shapes_siglip.py
 #   python train_vlm.py config/shapes.py --vision=out/shapes_siglip
 # --text_tower=smollm2 swaps the text transformer for frozen SmolLM2-135M features (cached once).
+# Every caption of an image is a positive at each step: the scene caption and one short caption per object
+# ('a large red circle.'), so a batch holds captions that differ only in the shape. Measured with the frozen
+# SmolLM2 tower and a prototype of this mode (it deduplicated a step's repeated captions), on 500 val
+# images after 6000 steps (24.6 min on one core): zero-shot shape 98.0% and colour 96.2% with the per-object
+# templates train_siglip.py now uses, recall@1 98.4% / 97.4%. With whole-scene templates, shape was 36.6%,
+# 64.0%, 88.8%, 94.0% at steps 1000, 2000, 3000, 6000: shapes are learned late, mostly between 1000 and 3000.
+# The byte-level text tower is not measured at these settings yet.
 out_dir = 'out/shapes_siglip'
 data_dir = 'data/shapes'
 image_tower = 'vit'
@@ -11,10 +18,11 @@ vit_layers = 4
 vit_width = 128
 vit_heads = 4
 text_tower = 'byte'
+captions_per_step = 'all'
 batch_size = 64
-max_iters = 1000
+max_iters = 6000
 learning_rate = 1e-3
 min_lr = 1e-4
 warmup_iters = 100  # full-rate early steps from the paper's initial logits collapse both towers (README)
-eval_interval = 100
+eval_interval = 500
 eval_samples = 500

@@ -81,6 +81,8 @@ def test_questions_are_unambiguous_and_answers_consistent():
         assert rec['turns'][0]['content'].startswith('<image>\n')
         assert rec['turns'][-1]['content'] == rec['captions'][0]
         assert all(o['color'] in rec['captions'][0] and o['shape'] in rec['captions'][0] for o in objs)
+        # then one caption per object: its size, colour and shape
+        assert rec['captions'][1:] == [f"a {o['size']} {o['color']} {o['shape']}." for o in objs]
     assert seen_types == set(QUESTION_TYPES)
 
 

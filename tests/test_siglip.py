@@ -14,12 +14,16 @@ SIGLIP_TINY = ['--vit_layers=1', '--vit_width=32', '--vit_heads=2', '--text_laye
                '--text_heads=2', '--embed_dim=32', '--device=cpu', '--log_interval=1']
 
 
-def reference_loss(img, txt, t, b, text_ids=None):
-    """Zhai et al. 2023, eq. 1 written out pair by pair; with text_ids, pairs of identical texts are positives."""
+def reference_loss(img, txt, t, b, text_ids=None, image_ids=None):
+    """Zhai et al. 2023, eq. 1 written out pair by pair; with text_ids, pairs of identical texts are positives;
+    with image_ids too, text j is positive for image i when its id is one of image i's."""
     total = 0.0
     for i in range(img.shape[0]):
         for j in range(txt.shape[0]):
-            z = 1.0 if (i == j if text_ids is None else text_ids[i] == text_ids[j]) else -1.0
+            if image_ids is not None:
+                z = 1.0 if text_ids[j] in image_ids[i] else -1.0
+            else:
+                z = 1.0 if (i == j if text_ids is None else text_ids[i] == text_ids[j]) else -1.0
             total += math.log(1 + math.exp(-z * (t * float(img[i] @ txt[j]) + b)))
     return total / img.shape[0]
 
@@ -41,6 +45,10 @@ def test_siglip_loss_matches_pairwise_reference_and_stays_fp32_under_autocast():
     with_ids = siglip_loss(img, txt, log_t, bias, text_ids=torch.tensor(text_ids)).item()
     assert abs(with_ids - reference_loss(img, txt, math.exp(1.3), -2.0, text_ids)) < 1e-4
     assert abs(with_ids - siglip_loss(img, txt, log_t, bias).item()) > 1e-3
+    # every caption of an image at once: 4 images, 6 texts, each positive for every image it describes
+    image_ids = [[7, 1, -1], [2, -1, -1], [3, 7, 5], [1, -1, -1]]
+    many = siglip_loss(img[:4], txt, log_t, bias, text_ids=torch.tensor(text_ids), image_ids=torch.tensor(image_ids)).item()
+    assert abs(many - reference_loss(img[:4], txt, math.exp(1.3), -2.0, text_ids, image_ids)) < 1e-4
 
 
 def tiny_siglip():
@@ -58,6 +66,10 @@ def tiny_siglip():
 
 
 TEXT_IDS = [0, 1, 2, 3, 0, 5, 2, 7]  # captions 0 and 4 (and 2 and 6) are the same text, on different ranks
+# every caption of an image at once: rank 0 brings texts 0-4, rank 1 texts 5-7 (fewer, so it pads), and
+# an image's captions are positives wherever they sit
+MANY_TEXTS = [slice(0, 5), slice(5, 8)]
+IMAGE_IDS = [[0, 1], [1, -1], [2, 3], [3, 7], [0, 5], [5, -1], [2, 7], [7, -1]]
 
 
 DDP_WORKER = '''
@@ -66,7 +78,7 @@ sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from test_siglip import TEXT_IDS, tiny_siglip
+from test_siglip import IMAGE_IDS, MANY_TEXTS, TEXT_IDS, tiny_siglip
 dist.init_process_group('gloo')
 rank, world = dist.get_rank(), dist.get_world_size()
 model, images, ids, mask = tiny_siglip()
@@ -80,9 +92,17 @@ dist.all_reduce(mean_loss)
 with torch.no_grad():  # without text ids: every caption distinct
     plain = ddp(images[sl], ids[sl], mask[sl], distributed=True)
 dist.all_reduce(plain)
+grads = {{n: p.grad.clone() for n, p in model.named_parameters()}}
+ddp.zero_grad()
+t = MANY_TEXTS[rank]
+many = ddp(images[sl], ids[t], mask[t], distributed=True, text_ids=torch.tensor(TEXT_IDS)[t],
+           image_ids=torch.tensor(IMAGE_IDS)[sl])
+many.backward()
+many = many.detach().clone()
+dist.all_reduce(many)
 if rank == 0:
-    torch.save({{'loss': mean_loss / world, 'plain': plain / world,
-                'grads': {{n: p.grad for n, p in model.named_parameters()}}}}, {out!r})
+    torch.save({{'loss': mean_loss / world, 'plain': plain / world, 'grads': grads, 'many': many / world,
+                'many_grads': {{n: p.grad for n, p in model.named_parameters()}}}}, {out!r})
 dist.barrier()
 dist.destroy_process_group()
 # the results are on disk; skip interpreter teardown, where gloo's threads aborted a rank ('terminate called
@@ -107,6 +127,12 @@ def test_two_process_loss_and_gradients_equal_one_process_on_the_global_batch(tm
         torch.testing.assert_close(two['grads'][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
     # the texts' gradient path matters: without it the text tower's gradient would be about half
     assert two['grads']['text_head.weight'].abs().sum() > 0
+    model.zero_grad()
+    many = model(images, ids, mask, text_ids=torch.tensor(TEXT_IDS), image_ids=torch.tensor(IMAGE_IDS))
+    many.backward()
+    assert abs(two['many'].item() - many.item()) < 1e-5, (two['many'], many)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(two['many_grads'][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
 def metrics(out_dir):
@@ -122,7 +148,8 @@ def siglip_run(tmp_path_factory):
          '--n_test', '8', '--workers', '1', '--questions_train', '1', '--questions_eval', '1'])
     out = tmp_path_factory.mktemp('sigout') / 'run'
     run([sys.executable, 'train_siglip.py', f'--data_dir={d}', f'--out_dir={out}', *SIGLIP_TINY, '--batch_size=64',
-         '--max_iters=60', '--eval_interval=60', '--learning_rate=1e-2', '--warmup_iters=5'])
+         '--max_iters=60', '--eval_interval=60', '--learning_rate=1e-2', '--warmup_iters=5',
+         '--captions_per_step=all'])
     return str(out), str(d)
 
 
