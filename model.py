@@ -1401,7 +1401,8 @@ def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False, text_ids=None,
     the image and -1 for all others, summed over pairs and averaged over images.
     text_ids (T,): an id per distinct text. image_ids (B, K): the ids of each image's texts (-1 fills a
     short row). A text is positive for an image when its id is one of the image's: an identical caption
-    (short captions repeat within a batch) or another of the image's captions is never pushed away.
+    (short captions repeat within a batch) or another of the image's captions is never pushed away; a text
+    that repeats is scored once.
     By default image i's only text is row i (T = B); text_ids alone: image i's texts are those equal to text i.
     distributed=True: each rank's images meet the texts of all ranks, gathered with their gradient (ranks
     with fewer texts pad theirs, and the padding is left out); dividing by the local B makes DDP's mean
@@ -1421,7 +1422,10 @@ def siglip_loss(img_emb, txt_emb, log_t, bias, distributed=False, text_ids=None,
     with torch.autocast(dev.type, enabled=False):  # logits and loss in fp32
         logits = img_emb.float() @ txt_emb.float().T * log_t.float().exp() + bias.float()  # (B, W*T)
         positive = (image_ids[:, :, None] == text_ids[None, None, :]).any(1)  # (B, W*T)
-        real = (text_ids >= 0).float()  # padding scores nothing
+        # a text repeated in the step is scored once, where it first appears (so N ranks equal one process),
+        # and padding not at all
+        repeat = (text_ids[:, None] == text_ids[None, :]).tril(-1).any(1)
+        real = ((text_ids >= 0) & ~repeat).float()
         return -(F.logsigmoid((positive.float() * 2 - 1) * logits) * real).sum() / B
 
 

@@ -15,11 +15,14 @@ SIGLIP_TINY = ['--vit_layers=1', '--vit_width=32', '--vit_heads=2', '--text_laye
 
 
 def reference_loss(img, txt, t, b, text_ids=None, image_ids=None):
-    """Zhai et al. 2023, eq. 1 written out pair by pair; with text_ids, pairs of identical texts are positives;
-    with image_ids too, text j is positive for image i when its id is one of image i's."""
+    """Zhai et al. 2023, eq. 1 written out pair by pair; with text_ids, pairs of identical texts are positives
+    and a repeated text counts once; with image_ids too, text j is positive for image i when its id is one
+    of image i's."""
     total = 0.0
     for i in range(img.shape[0]):
         for j in range(txt.shape[0]):
+            if text_ids is not None and text_ids[j] in text_ids[:j]:
+                continue  # a repeated text is scored once
             if image_ids is not None:
                 z = 1.0 if text_ids[j] in image_ids[i] else -1.0
             else:
