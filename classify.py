@@ -231,9 +231,8 @@ class GlimpseModel:
             if L > 1:  # the answers' later tokens, all K at once over copies of the prompt's cache
                 cache.k = [k.repeat_interleave(K, 0) for k in cache.k]  # (B*K, kv, T, hd)
                 cache.v = [v.repeat_interleave(K, 0) for v in cache.v]
-                x = llm.embed_tokens(cont[:, :-1]).repeat(B, 1, 1)  # (B*K, L-1, C): answer tokens 1..L-1 as input
-                if m.bridge:  # with the bridge every token attends to its image, the answer's too
-                    x = m.connector(x, image_embeds.repeat_interleave(K, 0).to(x.dtype))
+                # (B*K, L-1, C): answer tokens 1..L-1 as input (with the bridge they attend to their image too)
+                x = m.embed_continuation(cont[:, :-1].repeat(B, 1), image_embeds.repeat_interleave(K, 0))
                 key_valid = torch.cat([torch.ones(B * K, T, dtype=torch.bool, device=self.device),
                                        valid[:, :-1].repeat(B, 1)], 1)
                 pos = torch.arange(T, T + L - 1, device=self.device).expand(B * K, L - 1)

@@ -516,6 +516,11 @@ class VLM(nn.Module):
                              f'{image_embeds.shape[0]} x {image_embeds.shape[1]} image embeddings')
         return x.masked_scatter(is_image[..., None], image_embeds.to(x.dtype))
 
+    def embed_continuation(self, input_ids, image_embeds):
+        """Embeddings of tokens that follow a prompt already run (decoding with a KV cache, scoring answers):
+        they hold no <image> placeholder, but with the bridge they too attend to the image."""
+        return self.embed(input_ids, image_embeds=image_embeds if self.bridge else None)
+
     def forward(self, input_ids, images=None, attention_mask=None, targets=None, positions=None, segment_ids=None):
         """With targets: the summed cross-entropy over supervised positions (the caller divides by the
         token count, so gradient accumulation and DDP can normalise by the global count).
@@ -562,9 +567,7 @@ class VLM(nn.Module):
             ids = torch.cat([ids, nxt[:, None]], dim=1)
             mask = torch.cat([mask, torch.ones_like(nxt[:, None], dtype=torch.bool)], dim=1)
             if use_cache:
-                x = self.llm.embed_tokens(nxt[:, None])
-                if self.bridge and image_embeds is not None:
-                    x = self.connector(x, image_embeds.to(x.dtype))
+                x = self.embed_continuation(nxt[:, None], image_embeds)
                 positions = positions[:, -1:] + 1
             else:
                 x = self.embed(ids, image_embeds=image_embeds)
@@ -1327,7 +1330,17 @@ class TextTower(nn.Module):
         self.blocks = nn.ModuleList(ViTBlock(cfg) for _ in range(cfg.n_layer))  # ViTBlock has the fields it needs
         self.ln_post = nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps)
 
-    def forward(self, ids, mask):  # ids (B, T), mask (B, T) bool -> (B, C)
+    def forward(self, ids, mask, groups=4):  # ids (B, T), mask (B, T) bool, padding on the right -> (B, C)
+        # Sorted by length and run in a few groups, each cut to its own longest: short captions batched with
+        # long ones would otherwise pay for the padding (shapes' per-object captions are ~20 bytes, its scene
+        # captions ~75 and up to 125; two groups ran the text tower 2x faster there).
+        lengths = mask.sum(1)
+        order = lengths.argsort()
+        out = [self.encode(ids[g, :int(lengths[g].max())], mask[g, :int(lengths[g].max())])
+               for g in order.chunk(groups)]
+        return torch.cat(out)[order.argsort()]
+
+    def encode(self, ids, mask):
         x = self.tok_embed(ids) + self.pos_embed[:, :ids.shape[1]]
         for block in self.blocks:
             x = block(x, mask[:, None, None, :])  # no token attends to padding
