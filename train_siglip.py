@@ -330,8 +330,8 @@ while True:
     draw = torch.randint(0, 2 ** 30, (len(idx),), generator=g).tolist()
     mine = range(rank * batch_size, (rank + 1) * batch_size)
     recs = [train_recs[idx[i]] for i in mine]
-    if captions_per_step == 'all':
-        texts = [c for r in recs for c in r['captions']]
+    if captions_per_step == 'all':  # each distinct text once: the loss scores a repeat only once anyway
+        texts = list(dict.fromkeys(c for r in recs for c in r['captions']))
     else:
         texts = [r['captions'][draw[i] % len(r['captions'])] for i, r in zip(mine, recs)]
     text_ids = torch.tensor([caption_id[t] for t in texts], device=device)
