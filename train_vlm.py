@@ -44,7 +44,7 @@ vision = 'scratch'  # 'scratch' (a ViT from the vit_* keys); the out_dir of a tr
                     # (its ViT, e.g. stage 1's or the shapes recipe's); or a SigLIP, CLIP or DINOv2 checkpoint
                     # (also the vision half of a CLIPModel/SiglipModel), a local directory or a model id in the
                     # Hugging Face cache: its preprocessor_config.json sets image size, resizing and mean/std.
-vision_layer = -1  # pretrained tower: which block's output feeds the connector (-1 last, -2 penultimate as in LLaVA)
+vision_layer = -1  # pretrained or earlier run's tower: which block's output feeds the connector (-1 last, -2 penultimate as in LLaVA)
 vision_cls = False  # pretrained tower: keep the class token among the features (CLIP, DINOv2; needs connector='mlp')
 image_size = 64
 patch_size = 8

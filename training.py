@@ -13,6 +13,7 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 from contextlib import ExitStack, contextmanager
 
 import numpy as np
@@ -439,7 +440,10 @@ def load_vision_tower(c):
     """(ViTConfig, weights) of c['vision']: a train_siglip.py or train_vlm.py out_dir (it holds ckpt.pt), or
     a SigLIP, CLIP or DINOv2 checkpoint (a directory or a model id in the Hugging Face cache)."""
     if os.path.isfile(os.path.join(c['vision'], 'ckpt.pt')):
-        return run_vision_tower(c['vision'])
+        if c['vision_cls']:
+            raise SystemExit(f"config error: vision_cls=True but {c['vision']} holds a glimpse ViT, which has no "
+                             f"class token")
+        return run_vision_tower(c['vision'], c['vision_layer'])
     return load_pretrained_vision(c['vision'], c['vision_layer'], c['vision_cls'])
 
 
@@ -653,10 +657,24 @@ def load_checkpoint(path, device='cpu'):
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def run_vision_tower(out_dir):
+def run_vision_tower(out_dir, layer=-1):
     """(ViTConfig, weights) of the image tower of an earlier run, for train_vlm.py's vision=<out_dir>: a
     train_siglip.py run (stage 1), or a train_vlm.py run (its tower as trained, e.g. the shapes recipe's,
-    to align a new language model to; a tower that run kept frozen comes from that run's own source)."""
+    to align a new language model to; a tower that run kept frozen comes from that run's own source).
+    layer: the block whose output is the tower's (-1 the last, with its final LayerNorm; -2 the
+    penultimate's raw output, as LLaVA takes CLIP's; 1..L from the first); later blocks are dropped."""
+    cfg, weights = _run_vision_tower(out_dir)
+    n_keep = layer if layer > 0 else cfg.n_layer + 1 + layer
+    if not 1 <= n_keep <= cfg.n_layer:
+        raise SystemExit(f'vision error: vision_layer={layer} but {out_dir} has {cfg.n_layer} blocks '
+                         f'(use -{cfg.n_layer}..-1 or 1..{cfg.n_layer})')
+    if n_keep == cfg.n_layer:
+        return cfg, weights
+    keep = lambda k: not k.startswith('ln_post.') and not (k.startswith('blocks.') and int(k.split('.')[1]) >= n_keep)
+    return replace(cfg, n_layer=n_keep, post_norm=False), {k: v for k, v in weights.items() if keep(k)}
+
+
+def _run_vision_tower(out_dir):
     path = os.path.join(out_dir, 'ckpt.pt')
     if not os.path.exists(path):
         raise SystemExit(f"vision error: {path} not found; vision= takes 'scratch' or the out_dir of a "

@@ -209,6 +209,34 @@ def test_train_vlm_loads_the_stage1_tower_frozen_and_trains(siglip_run, tmp_path
     assert bad.returncode != 0 and 'not written by train_siglip.py or train_vlm.py' in bad.stderr
 
 
+def test_vision_layer_cuts_a_run_tower_at_that_block(tmp_path):
+    """vision_layer=-2 on a stage-1 run: the penultimate block's raw output (LLaVA's choice), built without the
+    blocks after it; -1 is the tower as trained; a layer the tower does not have is a one-line error."""
+    from model import VisionTower
+    from training import load_vision_tower
+    torch.manual_seed(0)
+    cfg = SigLIPConfig(vision=ViTConfig(image_size=16, patch_size=4, n_layer=3, n_head=2, n_embd=16),
+                       text=TextConfig(vocab_size=20, max_len=8, n_layer=1, n_head=2, n_embd=16), embed_dim=8)
+    stage1 = SigLIP(cfg)
+    torch.save({'model': stage1.state_dict(), 'model_config': cfg.to_dict()}, tmp_path / 'ckpt.pt')
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    t = stage1.vision_tower.eval()
+    with torch.no_grad():
+        x = t.patch_embed(t.pixels(images)).flatten(2).transpose(1, 2) + t.pos_embed
+        penultimate = t.blocks[1](t.blocks[0](x))
+        last = t(images)
+    for layer, want, n in ((-2, penultimate, 2), (2, penultimate, 2), (-1, last, 3)):
+        vcfg, weights = load_vision_tower({'vision': str(tmp_path), 'vision_layer': layer, 'vision_cls': False})
+        assert vcfg.n_layer == n and vcfg.post_norm == (n == 3)
+        tower = VisionTower(vcfg)
+        tower.load_state_dict(weights)  # strict: exactly the weights of the blocks kept
+        with torch.no_grad():
+            torch.testing.assert_close(tower.eval()(images), want)
+    for layer in (-4, 4):
+        with pytest.raises(SystemExit, match=f'vision_layer={layer} but .* has 3 blocks'):
+            load_vision_tower({'vision': str(tmp_path), 'vision_layer': layer, 'vision_cls': False})
+
+
 def test_frozen_text_tower_features_are_cached_once(siglip_run, tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
     data = siglip_run[1]
