@@ -1188,6 +1188,15 @@ def interpolate_positions(pos, grid, antialias):
     return x.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, grid * grid, C)
 
 
+def blocks_kept(layer, n_layer, source):
+    """How many blocks of an n_layer tower vision_layer keeps: -1 all, -2 all but the last, k > 0 the first k."""
+    n_keep = layer if layer > 0 else n_layer + 1 + layer
+    if not 1 <= n_keep <= n_layer:
+        raise SystemExit(f'vision error: vision_layer={layer} but {source} has {n_layer} blocks '
+                         f'(use -{n_layer}..-1 or 1..{n_layer})')
+    return n_keep
+
+
 def load_pretrained_vision(source, layer=-1, keep_cls=False):
     """A SigLIP, CLIP or DINOv2 vision tower (or the vision half of a CLIPModel / SiglipModel) from a local
     directory or a model id in the Hugging Face cache, as (ViTConfig, state_dict of VisionTower).
@@ -1209,9 +1218,7 @@ def load_pretrained_vision(source, layer=-1, keep_cls=False):
     if hf.hidden_act not in HF_ACTIVATIONS:
         raise SystemExit(f"vision error: {model_dir}: activation '{hf.hidden_act}' is not supported")
     L = hf.num_hidden_layers
-    n_keep = layer if layer > 0 else L + 1 + layer
-    if not 1 <= n_keep <= L:
-        raise SystemExit(f'vision error: vision_layer={layer} but {source} has {L} blocks (use -{L}..-1 or 1..{L})')
+    n_keep = blocks_kept(layer, L, source)
     last = n_keep == L
     C = hf.hidden_size
     mlp = hf.intermediate_size if family != 'dinov2' else round(C * hf.mlp_ratio)

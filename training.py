@@ -13,8 +13,8 @@ import re
 import sys
 import time
 from collections import Counter, defaultdict
-from dataclasses import replace
 from contextlib import ExitStack, contextmanager
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from lora import apply_lora, base_fingerprint, check_fingerprint, load_trained_state_dict, merge_lora
 from model import (IGNORE_INDEX, VLM, ConnectorConfig, DecoderConfig, HFCausalLM, HFProcessor, HFVLM, Tokenizer,
-                   ViTConfig, VLMConfig, checkpoint_context, load_pretrained_llm, load_pretrained_vision)
+                   ViTConfig, VLMConfig, blocks_kept, checkpoint_context, load_pretrained_llm, load_pretrained_vision)
 
 
 # -----------------------------------------------------------------------------
@@ -664,10 +664,7 @@ def run_vision_tower(out_dir, layer=-1):
     layer: the block whose output is the tower's (-1 the last, with its final LayerNorm; -2 the
     penultimate's raw output, as LLaVA takes CLIP's; 1..L from the first); later blocks are dropped."""
     cfg, weights = _run_vision_tower(out_dir)
-    n_keep = layer if layer > 0 else cfg.n_layer + 1 + layer
-    if not 1 <= n_keep <= cfg.n_layer:
-        raise SystemExit(f'vision error: vision_layer={layer} but {out_dir} has {cfg.n_layer} blocks '
-                         f'(use -{cfg.n_layer}..-1 or 1..{cfg.n_layer})')
+    n_keep = blocks_kept(layer, cfg.n_layer, out_dir)
     if n_keep == cfg.n_layer:
         return cfg, weights
     keep = lambda k: not k.startswith('ln_post.') and not (k.startswith('blocks.') and int(k.split('.')[1]) >= n_keep)
