@@ -64,6 +64,8 @@ captions_per_step = 'one'  # 'one': one caption per image, drawn at each step; '
 max_iters = 2000
 learning_rate = 1e-3
 min_lr = 1e-4
+text_lr = 0.0  # the byte text tower's peak learning rate (0 = learning_rate), on the same schedule. Two towers
+# from scratch each chase the other's moving target; a slow text tower gives the image tower a steadier one
 warmup_iters = 100
 weight_decay = 0.1
 beta1 = 0.9
@@ -229,7 +231,8 @@ if master:
           f', heads {count(model.image_head) + count(model.text_head)}; train {len(train_recs)}, '
           f'val {len(val_recs)}; device {device}, dtype {dtype}, world {world_size}')
 
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
+lr_scales = {'text_tower': text_lr / learning_rate} if text_lr else None  # the heads keep learning_rate
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, lr_scales=lr_scales)
 order = DataOrder(len(train_recs), seed)
 iter_num, train_time = 0, 0.0
 if ckpt:
@@ -305,7 +308,7 @@ dt_window, images_seen = 0.0, 0
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
     for group in optimizer.param_groups:
-        group['lr'] = lr
+        group['lr'] = lr * group['lr_scale']
 
     if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
         m = evaluate()

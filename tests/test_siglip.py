@@ -261,3 +261,20 @@ def test_frozen_text_tower_features_are_cached_once(siglip_run, tmp_path):
     torch.testing.assert_close(cache['features'][:5], direct, rtol=0.05, atol=0.05)  # the cache ran in bf16 autocast
     ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_config']['text_tower'] == 'frozen' and not any(k.startswith('text_tower.') for k in ckpt['model'])
+
+
+def test_text_lr_slows_the_text_tower_alone(siglip_run, tmp_path):
+    """--text_lr sets the byte text tower's learning rate; the heads and the image tower keep learning_rate.
+    Two runs from the same seed, 2 and 4 steps, with a text_lr too small to move anything: the text tower's
+    weights agree, the image tower's and the text head's do not."""
+    data = siglip_run[1]
+    states = []
+    for steps in (2, 4):
+        run([sys.executable, 'train_siglip.py', f'--data_dir={data}', f'--out_dir={tmp_path / str(steps)}',
+             *SIGLIP_TINY, '--text_lr=1e-12', '--learning_rate=1e-2', '--warmup_iters=0', '--batch_size=32',
+             f'--max_iters={steps}', f'--eval_interval={steps}', '--max_samples=128', '--eval_samples=16'])
+        states.append(torch.load(tmp_path / str(steps) / 'ckpt.pt', weights_only=True)['model'])
+    moved = lambda prefix: max((states[0][k] - states[1][k]).abs().max().item() for k in states[0]
+                               if k.startswith(prefix))
+    assert moved('text_tower.') < 1e-9
+    assert moved('vision_tower.') > 1e-3 and moved('text_head.') > 1e-3
