@@ -66,6 +66,7 @@ learning_rate = 1e-3
 min_lr = 1e-4
 text_lr = 0.0  # the byte text tower's peak learning rate (0 = learning_rate), on the same schedule. Two towers
 # from scratch each chase the other's moving target; a slow text tower gives the image tower a steadier one
+# (config/shapes_siglip.py: 2e-5 against 1e-3; README)
 warmup_iters = 100
 weight_decay = 0.1
 beta1 = 0.9
