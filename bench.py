@@ -1,8 +1,11 @@
 """
-Speed and memory of one training step of a train_vlm.py config, on real batches of its dataset.
+Speed and memory of one training step of a train_vlm.py config, on real batches of its dataset, with the
+model train_vlm.py would train: the same keys and defaults, built by the same checkpoint.build_model
+(pretrained LLM or tower, a whole Hugging Face VLM, frozen parts, LoRA and QLoRA).
 
     python bench.py config/shapes.py
     python bench.py config/shapes.py --dtype=float32 --batch_size=64 --compile=True
+    python bench.py config/shapes_smollm2.py
 
 Warm-up steps, then the median of bench_iters timed steps. Prints text tokens/s, samples/s,
 MFU (FLOPs counted from the model config against peak_flops, or a measured matmul peak) and
@@ -16,10 +19,12 @@ import time
 
 import torch
 
+from checkpoint import ModelSpec, build_model
 from configurator import apply_config, script_defaults
-from model import VLM, IGNORE_INDEX, Tokenizer, training_flops_per_sample
-from training import (DataOrder, VLMDataset, autocast_context, collate, make_optimizer, measure_peak_flops,
-                      pick_device, pick_dtype, pretrained_vision, vlm_config)
+from data import DataOrder, VLMDataset, collate
+from model import IGNORE_INDEX, training_flops_per_sample
+from training import (autocast_context, make_optimizer, measure_peak_flops, optimizer_step, pick_device, pick_dtype,
+                      seed_everything)
 
 globals().update(script_defaults('train_vlm.py'))  # the same keys and defaults as training
 bench_iters = 20
@@ -27,30 +32,35 @@ bench_warmup = 5
 config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
-torch.manual_seed(seed)
+if init_from == 'resume':
+    raise SystemExit("config error: bench.py times a run's model from its start; give init_from 'scratch' or an "
+                     "earlier run's out_dir")
+seed_everything(seed)
 device = pick_device(device)
 device_type = device.split(':')[0]
-dtype = pick_dtype(dtype, device_type)
+dtype = config['dtype'] = pick_dtype(dtype, device_type)
 amp = functools.partial(autocast_context, device_type, dtype)
 train_set = VLMDataset(data_dir, 'train', max_samples)
-tok = Tokenizer.build(tokenizer, train_set.texts())
-model_cfg = vlm_config(config, tok)
-vision_weights = pretrained_vision(config, model_cfg)
-model = VLM(model_cfg).to(device)
-if vision_weights:
-    model.vision_tower.load_state_dict(vision_weights)
-model.vision_tower.requires_grad_(vision_mode == 'full')
+model, tok, model_cfg, _ = build_model(ModelSpec.from_config(config), device, train_set.texts(),
+                                       trust_remote_code=trust_remote_code)
 n_img = model.num_image_tokens
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type)
+lr_scales = {part: lr / learning_rate for part, lr in
+             (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales)
+scaler = torch.amp.GradScaler(enabled=dtype == 'float16')
 step_model = torch.compile(model) if compile else model
 order = DataOrder(len(train_set), seed)
 batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, isolate_turns=isolate_turns)
            for _ in range(grad_accum)]
+# per batch: samples, image tokens, text tokens (counted as train_vlm.py counts them)
+counts = [(len(b['input_ids']), int((b['input_ids'] == model_cfg.image_token_id).sum()), int(b['attention_mask'].sum()))
+          for b in batches]
 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-n_text = sum(int(b['attention_mask'].sum()) - n_img * len(b['images']) for b in batches)
-n_samples = sum(len(b['images']) for b in batches)
-flops = sum(training_flops_per_sample(model_cfg, (int(b['attention_mask'].sum()) / len(b['images'])) - n_img, n_img,
-                                      vision_mode == 'full', llm_mode == 'full') * len(b['images']) for b in batches)
+n_samples, n_image = sum(c[0] for c in counts), sum(c[1] for c in counts)
+n_text = sum(c[2] for c in counts) - n_image
+flops = sum(training_flops_per_sample(model_cfg, (t - i) / B, i / B, vision_mode == 'full', llm_mode == 'full') * B
+            for B, i, t in counts)
+n_sup = sum(int((b['targets'] != IGNORE_INDEX).sum()) for b in batches)
 peak = peak_flops or measure_peak_flops(device, dtype)
 
 
@@ -63,14 +73,11 @@ times = []
 for i in range(bench_warmup + bench_iters):
     sync()
     t = time.perf_counter()
-    n_sup = sum(int((b['targets'] != IGNORE_INDEX).sum()) for b in batches)
     for b in batches:
         with amp():
             loss = step_model(**b) / n_sup
-        loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    optimizer_step(model, optimizer, scaler, grad_clip)
     sync()
     if i >= bench_warmup:
         times.append(time.perf_counter() - t)
@@ -80,9 +87,12 @@ if device_type == 'cuda':
     memory = f'{torch.cuda.max_memory_allocated() / 2**20:.0f} MiB peak allocated (CUDA)'
 else:
     memory = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB peak RSS (process)'
-print(f'{device} {dtype}, batch {batch_size} x {grad_accum}, {model.param_counts()["total"] / 1e6:.2f}M params, '
-      f'{n_img} image tokens + {n_text / n_samples:.0f} text tokens per sample')
+counts = model.param_counts()
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+print(f'{device} {dtype}, batch {batch_size} x {grad_accum}, {counts["total"]:,} parameters ({trainable:,} trained; '
+      f'vision {vision_mode}, llm {llm_mode}), {n_image / n_samples:.0f} image tokens + '
+      f'{n_text / n_samples:.0f} text tokens per sample')
 print(f'step {dt * 1000:.1f} ms (median of {bench_iters}, min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}) | '
-      f'{n_text / dt:.0f} text tok/s | {(n_text + n_img * n_samples) / dt:.0f} tok/s with image tokens | '
+      f'{n_text / dt:.0f} text tok/s | {(n_text + n_image) / dt:.0f} tok/s with image tokens | '
       f'{n_samples / dt:.1f} samples/s | {flops / dt / 1e9:.1f} GFLOP/s, MFU {flops / dt / peak:.1%} '
       f'of {peak / 1e9:.0f} GFLOP/s | {memory}')

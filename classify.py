@@ -37,7 +37,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from checkpoint import load_run
 from configurator import apply_config
+from data import IMAGE_EXTS, VLMDataset, image_pixels, open_image
+from model import cut_at, left_pad
+from tokenizer import HFProcessor
+from training import autocast_context, pick_device, pick_dtype
 
 # what to classify
 out_dir = 'out/shapes'  # a glimpse run: out_dir/ckpt.pt
@@ -76,7 +81,6 @@ if __name__ == '__main__':
     config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
 ARTICLES = ('a', 'an', 'the')
 REASONING_SUFFIX = ' answer in the form "Reasoning: <why> Answer: <class>".'
 
@@ -137,50 +141,25 @@ def parse_answer(text, class_names, aliases=None):
 # models: a glimpse checkpoint or a Hugging Face VLM behind the same three methods
 
 def to_pil(image):
-    """A path, a PIL image or an (H, W, 3) uint8 array -> an RGB PIL image."""
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                return im.convert('RGB')
-        except OSError as e:
-            raise SystemExit(f'image error: cannot read {image} ({e}); give a PNG or JPEG file')
-    if isinstance(image, Image.Image):
-        return image.convert('RGB')
-    return Image.fromarray(np.asarray(image, dtype=np.uint8))
+    """A path, a PIL image or an (H, W, 3) uint8 array -> an RGB PIL image, as it is."""
+    return Image.fromarray(image_pixels(image))
 
 
 class GlimpseModel:
     """A glimpse VLM and its tokenizer; only the tokenizer interface is used (encode_chat, decode,
     eot_id, image_token_id, pad_id), so any tokenizer behind it works."""
 
-    def __init__(self, out_dir, device='auto', dtype='auto', ckpt=None):
-        from model import Tokenizer
-        from training import load_checkpoint, load_vlm, pick_device, pick_dtype
-        self.device = pick_device(device)
+    def __init__(self, model, tok, device, dtype='auto'):
+        self.model, self.tok, self.device = model.eval(), tok, device
         self.dtype = pick_dtype(dtype, self.device.split(':')[0])
-        ckpt = ckpt or load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), self.device)
-        self.model = load_vlm(ckpt, self.device).eval()  # full weights, or a pretrained base + the run's adapters
-        tok_state = ckpt['tokenizer']
-        self.tok = Tokenizer.from_state(tok_state)
         self.size = self.model.cfg.vision.image_size
 
     def amp(self):
-        from training import autocast_context
         return autocast_context(self.device.split(':')[0], self.dtype)
 
     def pixels(self, images):
-        """-> (B, S, S, 3) uint8, center-cropped to a square and resized to the tower's size."""
-        out = []
-        for im in images:
-            if isinstance(im, np.ndarray) and im.shape[:2] == (self.size, self.size):
-                out.append(im)
-                continue
-            im = to_pil(im)
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            out.append(np.asarray(im.resize((self.size, self.size), Image.BICUBIC), dtype=np.uint8))
-        return torch.from_numpy(np.stack(out)).to(self.device)
+        """-> (B, S, S, 3) uint8: each image fitted to the tower's square as sample.py fits it (data.image_pixels)."""
+        return torch.from_numpy(np.stack([image_pixels(im, self.size) for im in images])).to(self.device)
 
     def turns(self, prompt, system=''):
         return ([{'role': 'system', 'content': system}] if system else []) + \
@@ -188,7 +167,6 @@ class GlimpseModel:
 
     @torch.no_grad()
     def generate(self, images, prompt, system='', max_new_tokens=16, generator=None, **sampling):
-        from model import cut_at, left_pad
         ids, _ = self.tok.encode_chat(self.turns(prompt, system), self.model.num_image_tokens, add_generation_prompt=True)
         input_ids, mask = left_pad([ids] * len(images), self.tok.pad_id)
         with self.amp():
@@ -202,8 +180,7 @@ class GlimpseModel:
         token that follows in training is left out: it scores whether the answer *stops* there, and a
         model that would go on ("triangle and square") then ranks classes by how final they sound, not
         by which is right (on the shapes test split: 47% with it, 59% without). The image and prompt run
-        once per image; their KV cache is then copied to the K answers, which run together."""
-        from model import KVCache
+        once per image, the answers together (model.VLM.score)."""
         n_img, turns = self.model.num_image_tokens, self.turns(prompt, system)
         prompt_ids, _ = self.tok.encode_chat(turns, n_img, add_generation_prompt=True)
         conts = []
@@ -213,33 +190,8 @@ class GlimpseModel:
                 raise ValueError('the chat template does not extend the generation prompt with the answer; '
                                  'score mode needs it to')
             conts.append([t for t, s in zip(ids[len(prompt_ids):], sup[len(prompt_ids):]) if s][:-1])  # not <|end|>
-        B, K, L, T = len(images), len(answers), max(map(len, conts)), len(prompt_ids)
-        cont = torch.full((K, L), self.tok.pad_id, dtype=torch.long)
-        valid = torch.zeros((K, L), dtype=torch.bool)
-        for k, c in enumerate(conts):
-            cont[k, :len(c)], valid[k, :len(c)] = torch.tensor(c), True
-        cont, valid = cont.to(self.device), valid.to(self.device)
-        m, llm = self.model, self.model.llm
         with self.amp():
-            ids = torch.tensor([prompt_ids] * B, device=self.device)  # (B, T)
-            cache = KVCache(llm.cfg.n_layer)
-            image_embeds = m.image_embeddings(self.pixels(images))
-            h = llm(m.embed(ids, image_embeds=image_embeds), torch.arange(T, device=self.device).expand(B, T),
-                    torch.ones_like(ids, dtype=torch.bool), cache)
-            first = llm.lm_head(h[:, -1]).float().log_softmax(-1)[:, cont[:, 0]]  # (B, K): first answer token
-            total = first
-            if L > 1:  # the answers' later tokens, all K at once over copies of the prompt's cache
-                cache.k = [k.repeat_interleave(K, 0) for k in cache.k]  # (B*K, kv, T, hd)
-                cache.v = [v.repeat_interleave(K, 0) for v in cache.v]
-                # (B*K, L-1, C): answer tokens 1..L-1 as input (with the bridge they attend to their image too)
-                x = m.embed_continuation(cont[:, :-1].repeat(B, 1), image_embeds.repeat_interleave(K, 0))
-                key_valid = torch.cat([torch.ones(B * K, T, dtype=torch.bool, device=self.device),
-                                       valid[:, :-1].repeat(B, 1)], 1)
-                pos = torch.arange(T, T + L - 1, device=self.device).expand(B * K, L - 1)
-                logp = llm.lm_head(llm(x, pos, key_valid, cache)).float().log_softmax(-1)  # (B*K, L-1, V)
-                rest = logp.gather(-1, cont[:, 1:].repeat(B, 1)[..., None])[..., 0].view(B, K, L - 1)
-                total = first + (rest * valid[None, :, 1:]).sum(-1)
-        return (total / valid.sum(-1)).cpu()  # (B, K)
+            return self.model.score(prompt_ids, self.pixels(images), conts, self.tok.pad_id).cpu()
 
 
 class HFModel:
@@ -248,11 +200,9 @@ class HFModel:
 
     def __init__(self, path, device='auto', dtype='auto', trust_remote_code=False, run=None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
-        from training import load_vlm, pick_device
         self.device = pick_device(device)
-        if run is not None:
-            vlm = load_vlm(run, self.device)
-            self.model, self.processor = vlm.model, vlm.processor.processor
+        if run is not None:  # a pretrained.HFVLM, as checkpoint.load_run rebuilt it
+            self.model, self.processor = run.model, run.processor.processor
         else:
             if not os.path.isdir(path):
                 raise SystemExit(f'model error: {path} is not a local model directory (config.json, weights, processor)')
@@ -314,14 +264,15 @@ class HFModel:
 
 
 def load_model(out_dir='', hf_model='', device='auto', dtype='auto', trust_remote_code=False):
-    """A glimpse checkpoint dir or a local Hugging Face VLM dir, ready for predict()."""
+    """A glimpse run's out_dir or a local Hugging Face VLM dir, ready for predict(). trust_remote_code: yours,
+    for a model whose code ships with it; a run's checkpoint never turns it on."""
     if hf_model:
         return HFModel(hf_model, device, dtype, trust_remote_code)
-    from training import load_checkpoint
-    ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'))
-    if ckpt['config'].get('hf_vlm'):  # a fine-tuned Hugging Face VLM: its base model + what the run trained
-        return HFModel('', device, dtype, run=ckpt)
-    return GlimpseModel(out_dir, device, dtype, ckpt)
+    device = pick_device(device)
+    model, tok = load_run(out_dir, device, trust_remote_code=trust_remote_code)  # base + adapters for LoRA runs
+    if isinstance(tok, HFProcessor):
+        return HFModel('', device, dtype, run=model)  # a fine-tuned Hugging Face VLM: its base + what trained
+    return GlimpseModel(model, tok, device, dtype)
 
 
 def predict_batch(model, images, class_names, mode='score', aliases=None, system='', template='{classes}?',
@@ -369,7 +320,6 @@ class ImageSource:
             self.items, self.labels = [p for p, _ in found], [l for _, l in found]
             self.ids = [os.path.relpath(p, image_folder) for p in self.items]
         else:
-            from training import VLMDataset
             ds = VLMDataset(data_dir, split)
             self.class_names = class_names or ds.meta.get('class_names') or []
             self.records, self.images = ds.records, ds.images
@@ -384,7 +334,7 @@ class ImageSource:
 
     def load(self, i):
         item = self.items[i]
-        return to_pil(item) if isinstance(item, str) else np.array(self.images[item])
+        return open_image(item) if isinstance(item, str) else np.array(self.images[item])
 
 
 def metrics(labels, preds, class_names):
@@ -533,7 +483,6 @@ def convert_dataset(data_dir, out, class_names, prompt, reasoning=False):
     """A labelled glimpse dataset -> one in which every sample is the classification question and its
     answer: the class name, or 'Reasoning: <first caption> Answer: <class>'. The held-out 'qa' is the
     same question, so train_vlm.py's evaluation reports classification accuracy. images.npy is linked."""
-    from training import VLMDataset
     os.makedirs(out, exist_ok=True)
     for split in ('train', 'val', 'test'):
         if not os.path.exists(os.path.join(data_dir, f'{split}.jsonl')):
@@ -577,7 +526,6 @@ def main():
     if mode == 'convert':
         if not convert_dir:
             raise SystemExit('config error: convert mode writes a new dataset: give --convert_dir=data/<name>')
-        from training import VLMDataset
         names = class_names or VLMDataset(data_dir, 'test', 1).meta.get('class_names')
         convert_dataset(data_dir, convert_dir, names, build_prompt(names, tmpl), reasoning)
         print(f'wrote {convert_dir}: train with python train_vlm.py --data_dir={convert_dir}')

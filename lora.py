@@ -10,11 +10,13 @@ optionally with double-quantised block scales), dequantised on the fly to the co
 
     apply_lora(model.llm, r=16, alpha=32)                      # LoRA on attention + MLP projections
     apply_lora(model.llm, r=16, alpha=32, quantize='nf4')      # QLoRA
-    python lora.py merge out/lora out/merged [--dequantize]    # adapters folded into full weights
+
+merge_lora folds the adapters back into plain layers; checkpoint.py's merge command does it for a run
+(python checkpoint.py merge out/lora out/merged [--dequantize]). This file imports torch and bitsandbytes
+(for QLoRA, when asked), nothing of glimpse.
 """
 import math
 import re
-import sys
 
 import torch
 import torch.nn as nn
@@ -74,7 +76,7 @@ class LoRALinear(nn.Module):
             return
         if is_4bit(self.base):
             raise ValueError('cannot merge LoRA into a 4-bit base: its weights cannot hold the update; '
-                             'call dequantize() first (python lora.py merge ... --dequantize)')
+                             'call dequantize() first (python checkpoint.py merge ... --dequantize)')
         w = self.base.weight
         w.copy_((w.float() + self.delta()).to(w.dtype))
         self.merged = True
@@ -183,74 +185,3 @@ def merge_lora(model, dequantize=False):
             parent_name, _, child = name.rpartition('.')
             setattr(model.get_submodule(parent_name) if parent_name else model, child, module.base)
     return model
-
-
-def trained_state_dict(model):
-    """Only what trains: adapters and any parameter still requiring grad (connector, 'full' parts)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {n: v for n, v in model.state_dict().items() if n in names}
-
-
-def load_trained_state_dict(model, sd, source='checkpoint'):
-    """Copy a trained_state_dict into a rebuilt model; every key must be used and every trainable
-    parameter must be given."""
-    params = dict(model.named_parameters())
-    unknown = [k for k in sd if k not in params]
-    missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
-    if unknown or missing:
-        raise SystemExit(f'checkpoint error: {source} does not fit this model (unknown keys {unknown[:3]}, '
-                         f'missing trainable {missing[:3]}); use the same llm_mode/vision_mode and lora_* settings')
-    with torch.no_grad():
-        for k, v in sd.items():
-            if params[k].shape != v.shape:
-                raise SystemExit(f'checkpoint error: {source} key {k} has shape {tuple(v.shape)}, '
-                                 f'model has {tuple(params[k].shape)}; use the same lora_r and model settings')
-            params[k].copy_(v)
-
-
-@torch.no_grad()
-def base_fingerprint(model):
-    """What a partial checkpoint needs to find again: every tensor's name and shape, and a float64
-    checksum of the values (different weights of the same shapes give a different checksum)."""
-    shapes = {n: list(v.shape) for n, v in model.state_dict().items()}
-    checksum = sum(float(v.double().abs().sum()) for v in model.state_dict().values() if v.is_floating_point())
-    return {'shapes': shapes, 'checksum': checksum}
-
-
-def check_fingerprint(expected, got, source):
-    """expected, got: base_fingerprint()s of the base a checkpoint was trained on and of the rebuilt one."""
-    if got['shapes'] != expected['shapes']:
-        diff = sorted(k for k in set(got['shapes']) | set(expected['shapes'])
-                      if got['shapes'].get(k) != expected['shapes'].get(k))
-        raise SystemExit(f'checkpoint error: the base model rebuilt for {source} differs from the one it was trained '
-                         f'on ({len(diff)} tensors differ, e.g. {diff[:3]}); give the same base weights and model keys')
-    if not math.isclose(got['checksum'], expected['checksum'], rel_tol=1e-6):
-        raise SystemExit(f'checkpoint error: the base weights rebuilt for {source} have the right shapes but other '
-                         f'values (checksum {got["checksum"]:.6g} != {expected["checksum"]:.6g}); '
-                         'point llm/vision/seed at the base the adapters were trained on')
-
-
-# -----------------------------------------------------------------------------
-# python lora.py merge <out_dir> <new_out_dir> [--dequantize]
-
-def main(argv):
-    import os
-    from training import load_checkpoint, load_vlm, save_checkpoint
-    args = [a for a in argv if not a.startswith('--')]
-    if len(args) != 3 or args[0] != 'merge' or set(argv) - set(args) - {'--dequantize'}:
-        raise SystemExit('usage: python lora.py merge <out_dir> <new_out_dir> [--dequantize]')
-    _, src, dst = args
-    ckpt = load_checkpoint(os.path.join(src, 'ckpt.pt'))
-    if 'base' not in ckpt:
-        raise SystemExit(f'merge error: {src}/ckpt.pt holds full weights already; nothing to merge')
-    model = load_vlm(ckpt, 'cpu')
-    merge_lora(model, dequantize='--dequantize' in argv)
-    config = dict(ckpt['config'], vision_mode='full', llm_mode='full', merged_from=src)
-    save_checkpoint({'model': model.state_dict(), 'model_config': ckpt['model_config'],
-                     'tokenizer': ckpt['tokenizer'], 'config': config}, os.path.join(dst, 'ckpt.pt'))
-    print(f'merged {src}/ckpt.pt into full weights: {dst}/ckpt.pt')
-
-
-if __name__ == '__main__':
-    import lora  # the module training.py imports, so that isinstance(m, LoRALinear) agrees with its models
-    lora.main(sys.argv[1:])

@@ -1,17 +1,8 @@
 """
-Turn a source into glimpse's one on-disk format:
-
-    data/<name>/images.npy     uint8 (N, H, W, 3), memory-mapped at training time
-      or data/<name>/shards/   with --shards: encoded images (PNG or JPEG) in shard-*.bin files and
-                               index.npy, int64 (N, 3) = (shard, byte offset, byte length) per row;
-                               decoded when a batch is built, for datasets too large for raw pixels
-    data/<name>/{train,val,test}.jsonl
-                               one sample per line:
-                               {"id", "image": row in images.npy, "turns": [{"role", "content"}],
-                                "captions": [...], "label": int or null, "qa": [{"q", "a", "type"}]}
-                               the first user turn holds the image placeholder "<image>".
-    data/<name>/meta.json      source, image size, class names, counts, what was skipped
-    data/<name>/skipped.txt    every skipped image or row, with its path or line number
+Turn a source into glimpse's one on-disk format: data/<name>/ with images.npy (uint8 (N, H, W, 3)) or,
+with --shards, shards/ (encoded images, for datasets too large for raw pixels); {train,val,test}.jsonl, one
+sample a line ({"id", "image": its row, "turns", "captions", "label", "qa"}); meta.json; skipped.txt.
+data.py describes, writes and reads it.
 
 Sources:
     python prepare_data.py shapes [--n_train 50000 ...]   synthetic scenes, no download (the default)
@@ -27,7 +18,7 @@ Labelled sources (cifar10 without descriptions, imagefolder, hf, csv with only a
 classification conversations: "<image> what is in the image?" -> the class name, with the same
 question held out in "qa" for exact-match accuracy. Caption sources keep their captions, and
 training asks "describe the image." for them (an image with several captions gives one training
-sample per caption: see training.VLMDataset).
+sample per caption: see data.VLMDataset).
 """
 import argparse
 import csv
@@ -36,7 +27,6 @@ import json
 import os
 import random
 import re
-import shutil
 import sys
 from collections import Counter
 from functools import partial
@@ -45,10 +35,10 @@ from multiprocessing import Pool
 import numpy as np
 from PIL import Image, ImageDraw
 
+from data import IMAGE_EXTS, DatasetWriter, VLMDataset, fit, to_rgb
+
 IMAGE_TOKEN = '<image>'
 CLASS_QUESTION = 'what is in the image?'
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-SHARD_BYTES = 256 << 20  # a new shard file every 256 MiB
 
 # -----------------------------------------------------------------------------
 # shapes: 1 to 3 objects on a 3x3 grid, exactly one of them large.
@@ -200,28 +190,20 @@ def shapes_sample(args):
 
 def prepare_shapes(a):
     splits = {'train': a.n_train, 'val': a.n_val, 'test': a.n_test}
-    os.makedirs(a.out_dir, exist_ok=True)
-    total = sum(splits.values())
-    images = np.lib.format.open_memmap(os.path.join(a.out_dir, 'images.npy.tmp'), mode='w+', dtype=np.uint8,
-                                       shape=(total, a.image_size, a.image_size, 3))
-    row = 0
+    writer = DatasetWriter(a.out_dir, a.image_size, sum(splits.values()), list(splits))
     with Pool(a.workers) as pool:
         for split_id, (split, n) in enumerate(splits.items()):
             q = a.questions_train if split == 'train' else a.questions_eval
             jobs = [(a.seed, split_id, i, a.image_size, q) for i in range(n)]
-            with open(os.path.join(a.out_dir, f'{split}.jsonl'), 'w') as f:
-                for i, (pixels, record) in enumerate(pool.imap(shapes_sample, jobs, chunksize=256)):
-                    images[row] = pixels
-                    f.write(json.dumps({'id': f'{split}-{i:06d}', 'image': row, **record}) + '\n')
-                    row += 1
+            for i, (pixels, record) in enumerate(pool.imap(shapes_sample, jobs, chunksize=256)):
+                writer.add(split, {'id': f'{split}-{i:06d}', **record}, pixels)
             print(f'{split}: {n} images')
-    images.flush()
-    save_examples(a.out_dir, images, os.path.join(a.out_dir, 'test.jsonl'))
-    del images
-    os.replace(os.path.join(a.out_dir, 'images.npy.tmp'), os.path.join(a.out_dir, 'images.npy'))
-    write_meta(a.out_dir, source='shapes', image_size=a.image_size, class_names=list(SHAPES),
-               label_meaning='shape of the large object', counts=splits, skipped={},
-               question_types=list(QUESTION_TYPES), seed=a.seed)
+    meta = writer.close(source='shapes', image_size=a.image_size, class_names=list(SHAPES), colors=list(COLORS),
+                        label_meaning='shape of the large object', skipped={}, question_types=list(QUESTION_TYPES),
+                        seed=a.seed)
+    save_examples(a.out_dir, np.load(os.path.join(a.out_dir, 'images.npy'), mmap_mode='r'),
+                  os.path.join(a.out_dir, 'test.jsonl'))
+    print(f"wrote {a.out_dir}: {json.dumps(meta['counts'])}")
 
 
 def save_examples(out_dir, images, jsonl, n=4):
@@ -235,49 +217,8 @@ def save_examples(out_dir, images, jsonl, n=4):
             out.write(f"{name}: {r['captions'][0]}\n" + ''.join(f"  {x['q']} -> {x['a']}\n" for x in r['qa']))
 
 
-def write_meta(out_dir, **meta):
-    with open(os.path.join(out_dir, 'meta.json'), 'w') as f:
-        json.dump(meta, f, indent=2)
-    print(f"wrote {out_dir}: {json.dumps(meta['counts'])}")
-
-
 # -----------------------------------------------------------------------------
-# images: any file, any mode -> RGB at the target size
-
-def to_rgb(img):
-    """Any PIL mode -> RGB. 16- and 32-bit greyscale are scaled to 8 bits (not clipped: clipping
-    turns a 16-bit image white); transparency is composited on white, as a viewer shows it."""
-    if img.mode in ('I', 'I;16', 'I;16L', 'I;16B', 'I;16N', 'F'):
-        a = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith('I;16') or a.max() > 255 else 255.0
-        hi = 1.0 if img.mode == 'F' and a.max() <= 1.0 else hi
-        img = Image.fromarray(np.clip(a * (255.0 / hi) + 0.5, 0, 255).astype(np.uint8), 'L')
-    if img.mode == 'P':
-        img = img.convert('RGBA')  # a palette can carry a transparent index
-    if img.mode in ('LA', 'PA', 'RGBA', 'La', 'RGBa'):
-        img = img.convert('RGBA')
-        img = Image.alpha_composite(Image.new('RGBA', img.size, (255, 255, 255, 255)), img)
-    return img.convert('RGB')
-
-
-def fit(img, size, resize):
-    """'crop': scale the short side to size and cut the center square; 'pad': scale the long side
-    to size and pad with black to a square (the whole image is kept)."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    if resize == 'crop':
-        s = size / min(w, h)
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-        w, h = img.size
-        left, top = (w - size) // 2, (h - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    s = size / max(w, h)
-    img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BICUBIC)
-    out = Image.new('RGB', (size, size))
-    out.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
-    return out
-
+# images: any file, any mode -> RGB at the target size (data.to_rgb, data.fit), decoded on all cores
 
 _hf_parts = None  # {split: datasets.Dataset} in each worker of the hf source
 
@@ -317,100 +258,35 @@ def load_image(job, size, resize, fmt):
 
 
 # -----------------------------------------------------------------------------
-# writing: samples -> images.npy (or shards) + {split}.jsonl + meta.json
-
-class ShardWriter:
-    """Encoded images appended to shard-*.bin files; index.npy says where each row is."""
-
-    def __init__(self, out_dir):
-        self.dir = os.path.join(out_dir, 'shards')
-        os.makedirs(self.dir, exist_ok=True)
-        self.index, self.shard, self.offset, self.f = [], -1, SHARD_BYTES, None
-
-    def append(self, data):
-        if self.offset + len(data) > SHARD_BYTES and self.offset > 0:
-            if self.f:
-                self.f.close()
-            self.shard, self.offset = self.shard + 1, 0
-            self.f = open(os.path.join(self.dir, f'shard-{self.shard:05d}.bin'), 'wb')
-        self.f.write(data)
-        self.index.append((self.shard, self.offset, len(data)))
-        self.offset += len(data)
-
-    def close(self):
-        if self.f:
-            self.f.close()
-        np.save(os.path.join(self.dir, 'index.npy'), np.array(self.index, dtype=np.int64).reshape(-1, 3))
-
+# writing: samples -> the on-disk format (data.DatasetWriter)
 
 def write_dataset(a, source, splits, class_names, skipped, bad=(), hf_parts=None, **extra):
     """splits: {split: [(where, image source, record)]}. Images are decoded and resized on all cores;
     one that cannot be read is reported, skipped and counted; the rest get consecutive rows."""
     from tqdm import tqdm
-    os.makedirs(a.out_dir, exist_ok=True)
-    for name in ('images.npy', 'shards'):  # a re-run in the other storage must not leave the old one
-        path = os.path.join(a.out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
-            os.remove(path)
     fmt = a.shard_format.upper().replace('JPG', 'JPEG') if a.shards else 'raw'
     total = sum(len(v) for v in splits.values())
-    if a.shards:
-        shards = ShardWriter(a.out_dir)
-    else:
-        tmp = os.path.join(a.out_dir, 'images.npy.tmp')
-        images = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=(max(total, 1), a.image_size, a.image_size, 3))
-    skipped, bad, counts, row = Counter(skipped), list(bad), {}, 0
+    writer = DatasetWriter(a.out_dir, a.image_size, total, list(splits), fmt if a.shards else None)
+    skipped, bad = Counter(skipped), list(bad)
     work = partial(load_image, size=a.image_size, resize=a.resize, fmt=fmt)
     chunk = max(1, min(256, total // (8 * a.workers) or 1))
     with Pool(a.workers, _set_hf_parts, (hf_parts,)) as pool, tqdm(total=total, desc=source, unit='img', disable=total < 2) as bar:
         for split, items in splits.items():
-            counts[split] = 0
-            with open(os.path.join(a.out_dir, f'{split}.jsonl'), 'w') as f:
-                jobs = ((where, src) for where, src, _ in items)
-                for (where, _, record), (pixels, error) in zip(items, pool.imap(work, jobs, chunksize=chunk)):
-                    bar.update()
-                    if error:
-                        skipped['missing_image' if error.endswith(': missing') else 'corrupt_image'] += 1
-                        bad.append(error)
-                        continue
-                    if a.shards:
-                        shards.append(pixels)
-                    else:
-                        images[row] = pixels
-                    f.write(json.dumps({'id': record.pop('id'), 'image': row, **record}) + '\n')
-                    row += 1
-                    counts[split] += 1
-    if a.shards:
-        shards.close()
-    else:
-        images.flush()
-        del images
-        if row < total:  # drop the rows of skipped images
-            old = np.load(tmp, mmap_mode='r')
-            new = np.lib.format.open_memmap(os.path.join(a.out_dir, 'images.npy'), mode='w+', dtype=np.uint8,
-                                            shape=(row, a.image_size, a.image_size, 3))
-            for s in range(0, row, 4096):
-                new[s:s + 4096] = old[s:min(row, s + 4096)]
-            new.flush()
-            del old, new
-            os.remove(tmp)
-        else:
-            os.replace(tmp, os.path.join(a.out_dir, 'images.npy'))
-    report_skipped(a.out_dir, bad)
-    write_meta(a.out_dir, source=source, image_size=a.image_size, resize=a.resize, class_names=class_names,
-               counts=counts, skipped=dict(skipped), storage='shards' if a.shards else 'npy',
-               **({'shard_format': fmt} if a.shards else {}), **extra)
-
-
-def report_skipped(out_dir, bad, show=10):
-    with open(os.path.join(out_dir, 'skipped.txt'), 'w') as f:
-        f.writelines(b + '\n' for b in bad)
-    for b in bad[:show]:
+            jobs = ((where, src) for where, src, _ in items)
+            for (where, _, record), (pixels, error) in zip(items, pool.imap(work, jobs, chunksize=chunk)):
+                bar.update()
+                if error:
+                    skipped['missing_image' if error.endswith(': missing') else 'corrupt_image'] += 1
+                    bad.append(error)
+                    continue
+                writer.add(split, record, pixels)
+    meta = writer.close(bad, source=source, image_size=a.image_size, resize=a.resize, class_names=class_names,
+                        skipped=dict(skipped), **extra)
+    for b in bad[:10]:
         print(f'skipped {b}', file=sys.stderr)
-    if len(bad) > show:
-        print(f'... and {len(bad) - show} more, all listed in {out_dir}/skipped.txt', file=sys.stderr)
+    if len(bad) > 10:
+        print(f'... and {len(bad) - 10} more, all listed in {a.out_dir}/skipped.txt', file=sys.stderr)
+    print(f"wrote {a.out_dir}: {json.dumps(meta['counts'])}")
 
 
 def bad_row(skipped, bad, where, why):
@@ -774,7 +650,6 @@ def length_stats(lengths):
 
 def inspect(data_dir, n_show=3, n_sheet=16, cell=128):
     """Counts, caption and answer lengths, a few samples; contact_sheet.png of images and texts."""
-    from training import VLMDataset  # reads images.npy or shards, as training does
     if not os.path.exists(os.path.join(data_dir, 'meta.json')):
         raise SystemExit(f'data error: {data_dir}/meta.json not found; prepare the data first (python prepare_data.py --help)')
     with open(os.path.join(data_dir, 'meta.json')) as f:

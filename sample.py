@@ -15,11 +15,13 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from checkpoint import load_run
 from configurator import apply_config
-from model import Tokenizer, cut_at
-from training import autocast_context, load_checkpoint, load_vlm, pick_device, pick_dtype
+from data import IMAGE_EXTS, image_pixels
+from model import cut_at
+from tokenizer import HFProcessor
+from training import autocast_context, pick_device, pick_dtype
 
 out_dir = 'out/shapes'  # where train_vlm.py wrote its checkpoints
 checkpoint = 'ckpt.pt'  # in out_dir: ckpt.pt (latest), best.pt (lowest val loss) or weights.pt (weights only)
@@ -32,41 +34,25 @@ top_k = 0  # 0 = off
 top_p = 1.0  # 1.0 = off
 num_samples = 1
 seed = 1337
+trust_remote_code = False  # a Hugging Face VLM run whose model needs its own code: only for one you trust
 device = 'auto'
 dtype = 'auto'
 config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
-IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.webp', '.tif', '.tiff')
-
-
-def load_image(path, size):
-    """Any image file -> (size, size, 3) uint8 RGB, center-cropped to a square; size None: as it is."""
-    try:
-        with Image.open(path) as im:
-            im = im.convert('RGB')
-            if size is None:
-                return np.asarray(im, dtype=np.uint8)
-            w, h = im.size
-            s = min(w, h)
-            im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-            return np.asarray(im.resize((size, size), Image.BICUBIC), dtype=np.uint8)
-    except (OSError, UnidentifiedImageError) as e:
-        raise SystemExit(f'image error: cannot read {path} ({e.__class__.__name__}: {e}); give a PNG or JPEG file')
-
-
 if image and not os.path.exists(image):
     raise SystemExit(f'image error: {image} not found')
 device = pick_device(device)
 amp = functools.partial(autocast_context, device.split(':')[0], pick_dtype(dtype, device.split(':')[0]))
-ckpt = load_checkpoint(os.path.join(out_dir, checkpoint), device)
-hf = bool(ckpt['config'].get('hf_vlm'))  # a fine-tuned Hugging Face VLM: its processor is the tokenizer
+model, tok = load_run(out_dir, device, checkpoint, trust_remote_code)  # full weights, or base + adapters
+model.eval()
+hf = isinstance(tok, HFProcessor)  # a fine-tuned Hugging Face VLM: its processor is the tokenizer
 if hf and (chat or not image):
     raise SystemExit(f'sample error: {out_dir} fine-tuned a Hugging Face VLM; ask it about images with --image '
                      f'(no --chat, no text-only questions)')
-model = load_vlm(ckpt, device).eval()  # full weights, or base + adapters (LoRA runs)
-tok = model.processor if hf else Tokenizer.from_state(ckpt['tokenizer'])
-size = None if model.cfg.vision.source else model.cfg.vision.image_size  # a pretrained tower resizes as its processor
+# an image is fitted to a square as prepare_data.py fits a dataset's (the tower then resizes it as it was
+# trained); a Hugging Face VLM's processor takes it as it is
+size = None if hf else model.cfg.vision.image_size
 sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
 gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
 
@@ -87,7 +73,7 @@ else:
     paths = [image]
 
 if chat:
-    pixels = load_image(paths[0], size)[None]
+    pixels = image_pixels(paths[0], size)[None]
     turns = []
     print(f'chatting about {paths[0]}; an empty line ends')
     while True:
@@ -103,12 +89,12 @@ if chat:
         with amp():
             new = model.generate(ids, torch.as_tensor(pixels, device=device), torch.ones_like(ids, dtype=torch.bool),
                                  max_new_tokens, tok.eot_id, generator=gen, **sampling)[0].tolist()
-        answer = tok.decode(new[:new.index(tok.eot_id)] if tok.eot_id in new else new)
+        answer = tok.decode(cut_at(new, tok.eot_id))
         turns.append({'role': 'assistant', 'content': answer})
         print(f'glimpse: {answer}')
 else:
     for path in paths:
-        pixels = np.stack([load_image(path, size)] * num_samples)
+        pixels = np.stack([image_pixels(path, size)] * num_samples)
         with amp():
             answers = model.chat(tok, pixels, [prompt] * num_samples, max_new_tokens, generator=gen, **sampling)
         for a in answers:

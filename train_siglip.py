@@ -9,9 +9,7 @@ its vision tower from here: python train_vlm.py config/shapes.py --vision=out/sh
 
 Defaults below; a config file and --key=value overrides replace them (see configurator.py).
 """
-import functools
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -22,10 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import load_checkpoint, raw_state_dict, save_checkpoint
 from configurator import apply_config
-from model import FrozenTextEncoder, SigLIP, SigLIPConfig, TextConfig, Tokenizer, ViTConfig, siglip_loss
-from training import (DataOrder, VLMDataset, autocast_context, finish_distributed, load_checkpoint, lr_at,
-                      make_optimizer, pick_dtype, raw_state_dict, save_checkpoint, seed_everything, setup_distributed)
+from data import DataOrder, VLMDataset
+from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, siglip_loss
+from pretrained import FrozenTextEncoder
+from tokenizer import Tokenizer
+from training import (MetricsLogger, finish_distributed, lr_at, make_optimizer, optimizer_step, precision, set_lr,
+                      setup_training)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -46,7 +48,7 @@ vit_heads = 4
 # (all-MiniLM-L6-v2, mean pooling), or a path to a local transformers dir or .gguf file
 text_tower = 'byte'
 text_layer = 0  # frozen towers: which hidden layer is mean-pooled (0 = the middle of a causal LM, the last of an
-                # encoder; see model.FrozenTextEncoder for why); -1 = the last
+                # encoder; see pretrained.FrozenTextEncoder for why); -1 = the last
 text_layers = 4
 text_width = 128
 text_heads = 4
@@ -64,15 +66,14 @@ captions_per_step = 'one'  # 'one': one caption per image, drawn at each step; '
 max_iters = 2000
 learning_rate = 1e-3
 min_lr = 1e-4
-text_lr = 0.0  # the byte text tower's peak learning rate (0 = learning_rate), on the same schedule. Two towers
-# from scratch each chase the other's moving target; a slow text tower gives the image tower a steadier one
-# (config/shapes_siglip.py: 2e-5 against 1e-3; README)
-warmup_iters = 100
+text_lr = 0.0  # the byte text tower's peak learning rate (0 = learning_rate), on the same schedule: a slow text
+# tower gives the image tower a steadier target (config/shapes_siglip.py: 2e-5 against 1e-3; docs/LOG.md)
+warmup_iters = 100  # small batches from the paper's initial logits collapse both towers without it (docs/LOG.md)
 weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
-# evaluation and logging
+# evaluation (recall and zero-shot accuracy) and logging
 eval_interval = 250
 eval_samples = 500  # val images for recall and zero-shot accuracy (0 = all)
 log_interval = 10
@@ -87,16 +88,9 @@ seed = 1337
 config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
-ddp, rank, local_rank, world_size, device = setup_distributed(device)
-master = rank == 0
-device_type = device.split(':')[0]
-dtype = config['dtype'] = pick_dtype(dtype, device_type)
-seed_everything(seed)
-amp = functools.partial(autocast_context, device_type, dtype)
-scaler = torch.amp.GradScaler(enabled=dtype == 'float16')
-if master:
-    print(json.dumps(config))
-    os.makedirs(out_dir, exist_ok=True)
+ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype, seed, config, out_dir)
+master, device_type = rank == 0, device.split(':')[0]
+amp, scaler = precision(device_type, dtype)  # autocast (none in fp32), and loss scaling in fp16
 
 # data: images with at least one caption
 train_set = VLMDataset(data_dir, 'train', max_samples)
@@ -116,11 +110,13 @@ def zero_shot_tasks(meta, recs):
     template ('at the top a large red {}.') meets the other objects of the scene too; elsewhere, generic
     photo templates."""
     if meta.get('source') == 'shapes':
-        from prepare_data import COLORS, SHAPES
+        if 'colors' not in meta:
+            raise SystemExit(f'data error: {data_dir}/meta.json names no colors (a shapes dataset from an older '
+                             f'glimpse); make it again with: python prepare_data.py shapes --out_dir={data_dir}')
+        shapes, colors = meta['class_names'], meta['colors']
         large = [next(o for o in r['objects'] if o['size'] == 'large') for r in recs]
-        colors = list(COLORS)
-        return [('shape', list(SHAPES), [f'a large {c} {{}}.' for c in colors], [r['label'] for r in recs]),
-                ('color', colors, [f'a large {{}} {s}.' for s in SHAPES], [colors.index(o['color']) for o in large])]
+        return [('shape', shapes, [f'a large {c} {{}}.' for c in colors], [r['label'] for r in recs]),
+                ('color', colors, [f'a large {{}} {s}.' for s in shapes], [colors.index(o['color']) for o in large])]
     if meta.get('class_names'):
         return [('label', meta['class_names'], ['a photo of a {}.', 'a {}.', '{}'], [r.get('label') for r in recs])]
     return []
@@ -246,10 +242,7 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-
-if wandb_log and master:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+logger = MetricsLogger(out_dir, master, iter_num == 0, wandb_log, wandb_project, wandb_run_name, config)
 
 
 @torch.no_grad()
@@ -302,14 +295,10 @@ def save(path):
 
 
 # -----------------------------------------------------------------------------
-metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-if master and iter_num == 0 and os.path.exists(metrics_path):
-    os.remove(metrics_path)
 dt_window, images_seen = 0.0, 0
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group['lr_scale']
+    set_lr(optimizer, lr)
 
     if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
         m = evaluate()
@@ -317,10 +306,7 @@ while True:
               f'R@1 {m["i2t_r1"]:.1%} R@5 {m["i2t_r5"]:.1%}, text->image R@1 {m["t2i_r1"]:.1%} R@5 {m["t2i_r5"]:.1%}' +
               ''.join(f', zero-shot {t} {m["zeroshot_" + t]:.1%}' for t, *_ in tasks) +
               f' (t {raw_model.log_t.exp().item():.1f}, b {raw_model.bias.item():.1f}; {train_time / 60:.1f} min trained)')
-        with open(metrics_path, 'a') as f:
-            f.write(json.dumps({'iter': iter_num, 'train_minutes': train_time / 60, **m}) + '\n')
-        if wandb_log:
-            wandb.log({'iter': iter_num, **{f'val/{k}': v for k, v in m.items()}})
+        logger.log({'iter': iter_num, 'train_minutes': train_time / 60, **m}, {f'val/{k}': v for k, v in m.items()})
         if iter_num > 0:
             save(os.path.join(out_dir, 'ckpt.pt'))
             print(f'saved {out_dir}/ckpt.pt')
@@ -345,12 +331,7 @@ while True:
     with amp():
         loss = model(image_batch(recs), **text_batch(texts), distributed=ddp, text_ids=text_ids, image_ids=image_ids)
     scaler.scale(loss).backward()  # DDP averages over ranks: with loss / local B, the global-batch gradient
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(model, optimizer, scaler, grad_clip)
     iter_num += 1
     images_seen += len(recs)
     dt_window += time.perf_counter() - t_step
@@ -362,18 +343,14 @@ while True:
         step_loss = loss.item() / world_size  # the global batch's loss per image
     if iter_num % log_interval == 0 and master:
         dt, train_time, dt_window = dt_window, train_time + dt_window, 0.0
-        with open(metrics_path, 'a') as f:
-            f.write(json.dumps({'iter': iter_num, 'loss': step_loss, 'lr': lr}) + '\n')
+        logger.log({'iter': iter_num, 'loss': step_loss, 'lr': lr}, {'train/loss': step_loss, 'lr': lr})
         print(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {images_seen * world_size / dt:.1f} img/s' +
               (f', {dict(stats)}' if stats else ''))
-        if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss': step_loss, 'lr': lr})
         images_seen = 0
 
 if master:
     print(f'{iter_num} iterations, {train_time / 60:.1f} min of training; '
           f'image tower for train_vlm.py: --vision={out_dir}' * (model_cfg.image_tower == 'vit'))
-if master and wandb_log:
-    wandb.finish()
+logger.close()
 if ddp:
     finish_distributed()

@@ -7,7 +7,6 @@ Train a VLM: vision tower + connector + causal LLM, on a dataset made by prepare
 
 Defaults below; a config file and --key=value overrides replace them (see configurator.py).
 """
-import functools
 import json
 import math
 import os
@@ -19,13 +18,13 @@ from contextlib import nullcontext
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from checkpoint import ModelSpec, build_model, load_checkpoint, raw_state_dict, save_checkpoint, trained_state_dict
 from configurator import apply_config
-from model import IGNORE_INDEX, Tokenizer, VLMConfig, training_flops_per_sample
-from lora import DEFAULT_TARGETS, trained_state_dict
-from training import (DataOrder, VLMDataset, autocast_context, build_hf_vlm, build_vlm, caption_scores,
-                      finish_distributed, load_checkpoint, load_llm, lr_at, make_optimizer, measure_peak_flops,
-                      pick_dtype, pretrained_vision, qa_accuracy, raw_state_dict, save_checkpoint, setup_distributed,
-                      seed_everything, step_batches, val_loss, vlm_config)
+from data import DataOrder, VLMDataset, step_batches
+from lora import DEFAULT_TARGETS
+from model import IGNORE_INDEX, training_flops_per_sample
+from training import (MetricsLogger, caption_scores, finish_distributed, lr_at, make_optimizer,
+                      measure_peak_flops, optimizer_step, precision, qa_accuracy, set_lr, setup_training, val_loss)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -66,12 +65,12 @@ llm_mlp_width = 688
 tie_embeddings = True
 tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
 max_seq_len = 256
-isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see training.pack_turns)
+isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see data.pack_turns)
 num_workers = 0  # DataLoader processes building batches ahead of the step (decoding --shards images); 0 = inline
 # what trains: 'full', 'frozen', 'lora' or 'qlora' (LoRA over a 4-bit base) per component; the connector
 # always trains. A frozen vision tower runs without autograd; a frozen LLM still carries gradients back to the
 # connector but keeps no weight gradients or optimizer state. Unless both are 'full', checkpoints hold only
-# what was trained (see lora.py).
+# what was trained (see checkpoint.py).
 vision_mode = 'full'
 llm_mode = 'full'
 lora_r = 16
@@ -117,41 +116,27 @@ dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False
 seed = 1337
 config = apply_config(sys.argv[1:], globals())
+if hf_vlm and (vision_lr or connector_lr or llm_lr):
+    raise SystemExit('config error: vision_lr, connector_lr and llm_lr name glimpse\'s own parts; with hf_vlm '
+                     'leave them at 0 (learning_rate applies to everything that trains)')
+if hf_vlm and isolate_turns:
+    raise SystemExit('config error: isolate_turns=True needs glimpse\'s own VLM; hf_vlm runs train whole conversations')
 # -----------------------------------------------------------------------------
 
-ddp, rank, local_rank, world_size, device = setup_distributed(device)
-master = rank == 0
-device_type = device.split(':')[0]
-dtype = config['dtype'] = pick_dtype(dtype, device_type)
-seed_everything(seed)  # the same initial weights on every rank
-amp = functools.partial(autocast_context, device_type, dtype)
-scaler = torch.amp.GradScaler(enabled=dtype == 'float16')
-if master:
-    print(json.dumps(config))
-    os.makedirs(out_dir, exist_ok=True)
+ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype, seed, config, out_dir)
+master, device_type = rank == 0, device.split(':')[0]
+amp, scaler = precision(device_type, dtype)  # autocast (none in fp32), and loss scaling in fp16
 
 # data
 train_set = VLMDataset(data_dir, 'train', max_samples)
 val_set = VLMDataset(data_dir, 'val')
 ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
-earlier = None if init_from in ('scratch', 'resume') else load_checkpoint(os.path.join(init_from, 'ckpt.pt'))
 
-# model and tokenizer: this run's checkpoint, an earlier stage's, or new (around the pretrained parts named)
-pretrained = None
-if hf_vlm:  # the processor stands in for the tokenizer; model_cfg only summarises sizes (for MFU)
-    model, base = build_hf_vlm(config, device, ckpt, f'{out_dir}/ckpt.pt')
-    tok, model_cfg = model.processor, model.cfg
-elif ckpt or earlier:
-    tok = Tokenizer.from_state((ckpt or earlier)['tokenizer'])
-    model_cfg = VLMConfig.from_dict((ckpt or earlier)['model_config'])
-else:
-    tok, llm_module = (Tokenizer.build(tokenizer, train_set.texts()), None) if llm == 'scratch' else \
-        load_llm(llm)
-    model_cfg = vlm_config(config, tok, llm_module)
-    pretrained = (llm_module, pretrained_vision(config, model_cfg))  # vision weights: None for 'scratch'
-# modes (frozen, full, LoRA, QLoRA) and, for partial checkpoints, a base to rebuild: see training.build_vlm
-if not hf_vlm:
-    model, base = build_vlm(model_cfg, config, device, ckpt, f'{out_dir}/ckpt.pt', pretrained)
+# model and tokenizer: this run's checkpoint, an earlier run's, or new around the pretrained parts named; the
+# modes (frozen, full, LoRA, QLoRA) and, for partial checkpoints, a base to rebuild (checkpoint.build_model).
+# With hf_vlm the processor is the tokenizer, and model_cfg only summarises sizes (for MFU).
+model, tok, model_cfg, base = build_model(ModelSpec.from_config(config), device, train_set.texts(), ckpt,
+                                          f'{out_dir}/ckpt.pt', trust_remote_code)
 raw_model = model
 n_img = model.num_image_tokens
 if master:
@@ -177,24 +162,8 @@ if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
-
-if wandb_log and master:
-    import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
-if tensorboard_log and master:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise SystemExit('config error: tensorboard_log=True needs the tensorboard package: pip install tensorboard')
-    tb = SummaryWriter(os.path.join(out_dir, 'tensorboard'))
-
-
-def log_scalars(scalars, step):
-    if wandb_log:
-        wandb.log(scalars, step=step)
-    if tensorboard_log:
-        for k, v in scalars.items():
-            tb.add_scalar(k, v, step)
+logger = MetricsLogger(out_dir, master, iter_num == 0, wandb_log, wandb_project, wandb_run_name, config,
+                       tensorboard_log)
 peak = peak_flops or measure_peak_flops(device, dtype)
 
 
@@ -221,16 +190,12 @@ def save(path):
 stats = Counter()
 loader = step_batches(train_set, order, batch_size, grad_accum, world_size, rank, (tok, n_img, max_seq_len, isolate_turns),
                       num_workers)
-metrics_path = os.path.join(out_dir, 'metrics.jsonl')
-if master and iter_num == 0 and os.path.exists(metrics_path):
-    os.remove(metrics_path)
 dt_window = 0.0
 tokens_text = tokens_img = images_seen = 0
 flops_done = 0.0
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
-    for group in optimizer.param_groups:
-        group['lr'] = lr * group.get('lr_scale', 1.0)
+    set_lr(optimizer, lr)
 
     stop = iter_num >= max_iters
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != evaluated:
@@ -240,11 +205,10 @@ while True:
                   (f', accuracy on {n} val questions ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items()))
                    if n else '') + ''.join(f', {k} {v:.3f}' for k, v in captions.items()) +
                   f' ({train_time / 60:.1f} min trained)')
-            with open(metrics_path, 'a') as f:
-                f.write(json.dumps({'iter': iter_num, 'train_minutes': train_time / 60, 'val_loss': loss,
-                                    'perplexity': math.exp(loss), 'accuracy': acc, **captions}) + '\n')
-            log_scalars({'val/loss': loss, 'val/perplexity': math.exp(loss), **{f'val/{k}': v for k, v in captions.items()},
-                         **{f'val/acc_{k}': v for k, v in acc.items()}}, iter_num)
+            logger.log({'iter': iter_num, 'train_minutes': train_time / 60, 'val_loss': loss,
+                        'perplexity': math.exp(loss), 'accuracy': acc, **captions},
+                       {'val/loss': loss, 'val/perplexity': math.exp(loss), **{f'val/{k}': v for k, v in captions.items()},
+                        **{f'val/acc_{k}': v for k, v in acc.items()}})
             improved = loss < best_val
             best_val = min(best_val, loss)
             evals_since_best = 0 if improved else evals_since_best + 1
@@ -293,12 +257,7 @@ while True:
         images_seen += B
         flops_done += training_flops_per_sample(model_cfg, n_text / B, n_image / B, vision_mode == 'full',
                                                 llm_mode == 'full') * B
-    if grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer_step(model, optimizer, scaler, grad_clip)
     iter_num += 1
     dt_window += time.perf_counter() - t_step
 
@@ -308,12 +267,10 @@ while True:
         step_loss = loss_acc.item() / n_sup.item()  # mean over the step's supervised tokens, all processes
     if iter_num % log_interval == 0 and master:
         dt, train_time, dt_window = dt_window, train_time + dt_window, 0.0
-        with open(metrics_path, 'a') as f:
-            f.write(json.dumps({'iter': iter_num, 'loss': step_loss, 'lr': lr}) + '\n')
+        logger.log({'iter': iter_num, 'loss': step_loss, 'lr': lr}, {'train/loss': step_loss, 'lr': lr})
         print(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {tokens_text * world_size / dt:.0f} text tok/s, '
               f'{tokens_img * world_size / dt:.0f} image tok/s, {images_seen * world_size / dt:.1f} img/s, '
               f'MFU {flops_done / dt / peak:.1%}' + (f', {dict(stats)}' if stats else ''))
-        log_scalars({'train/loss': step_loss, 'lr': lr}, iter_num)
         tokens_text = tokens_img = images_seen = 0
         flops_done = 0.0
 
@@ -335,9 +292,6 @@ if master:
         print(f'held-out test accuracy on {n} questions: ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items())))
         with open(os.path.join(out_dir, 'test_accuracy.json'), 'w') as f:
             json.dump({'questions': n, 'accuracy': acc, 'iter': iter_num, 'train_minutes': train_time / 60}, f)
-if master and wandb_log:
-    wandb.finish()
-if master and tensorboard_log:
-    tb.close()
+logger.close()
 if ddp:
     finish_distributed()  # rank 0 may still be testing: leave together

@@ -11,9 +11,12 @@ import torch
 
 import classify
 from conftest import make_tiny_idefics3, run
+from checkpoint import ModelSpec, build_hf_vlm, load_checkpoint
+from data import VLMDataset, collate, conversation
 from lora import DEFAULT_TARGETS
-from model import IGNORE_INDEX, HFVLM
-from training import VLMDataset, build_hf_vlm, collate, conversation, load_checkpoint, make_optimizer
+from model import IGNORE_INDEX
+from pretrained import HFVLM
+from training import make_optimizer
 
 SHAPES = ['circle', 'square', 'triangle', 'diamond', 'cross']
 LORA = dict(init_from='scratch', vision_mode='frozen', llm_mode='lora', lora_r=8, lora_alpha=16, lora_dropout=0.0,
@@ -75,7 +78,7 @@ def test_batches_supervise_exactly_the_answers(tiny, shapes_dir):
 
 
 def test_lora_trains_only_adapters_and_the_loss_falls(tiny):
-    model, base = build_hf_vlm(dict(LORA, hf_vlm=tiny[0]), 'cpu')
+    model, base = build_hf_vlm(ModelSpec(**LORA, hf_vlm=tiny[0]), 'cpu')
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all('lora_' in n and '.text_model.' in n for n in trainable)  # the language model only
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -101,7 +104,7 @@ def test_lora_trains_only_adapters_and_the_loss_falls(tiny):
         hf.lm_head.weight.add_(0.01)
     hf.save_pretrained(other)
     with pytest.raises(SystemExit, match='have the right shapes but other values'):
-        build_hf_vlm(dict(LORA, hf_vlm=other), 'cpu', {'base': base, 'model': {}})
+        build_hf_vlm(ModelSpec(**LORA, hf_vlm=other), 'cpu', {'base': base, 'model': {}})
 
 
 def test_mars_recipe_trains_resumes_and_classifies(tiny, tmp_path):

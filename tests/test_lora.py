@@ -9,9 +9,10 @@ import torch
 import torch.nn as nn
 
 from conftest import TINY, run
+from checkpoint import from_checkpoint, load_checkpoint, tokenizer_from_state
 from lora import apply_lora, lora_modules, merge_lora
-from model import VLM, ConnectorConfig, DecoderConfig, Tokenizer, ViTConfig, VLMConfig
-from training import load_checkpoint, load_vlm, make_optimizer
+from model import VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig
+from training import make_optimizer
 
 
 def tiny_vlm(seed=0):
@@ -199,8 +200,8 @@ def test_lora_and_qlora_runs_learn_save_adapters_only_resume_and_merge(shapes_di
     qlora_ckpt = load_checkpoint(tmp_path / 'qlora' / 'ckpt.pt')
     assert all('lora_' in k or k.startswith('connector') for k in qlora_ckpt['model']), list(qlora_ckpt['model'])
     with pytest.raises(SystemExit, match='--dequantize'):
-        merge_lora(load_vlm(qlora_ckpt, 'cpu'))
-    assert not lora_modules(merge_lora(load_vlm(qlora_ckpt, 'cpu'), dequantize=True))
+        merge_lora(from_checkpoint(qlora_ckpt, 'cpu'))
+    assert not lora_modules(merge_lora(from_checkpoint(qlora_ckpt, 'cpu'), dequantize=True))
 
     ckpt = load_checkpoint(out / 'ckpt.pt')
     assert all('lora_' in k or k.startswith('connector') for k in ckpt['model']), list(ckpt['model'])
@@ -217,19 +218,19 @@ def test_lora_and_qlora_runs_learn_save_adapters_only_resume_and_merge(shapes_di
     bad = dict(load_checkpoint(out / 'ckpt.pt'))
     bad['base'] = dict(bad['base'], checksum=bad['base']['checksum'] * 1.01)
     with pytest.raises(SystemExit, match='right shapes but other values'):
-        load_vlm(bad, 'cpu')
+        from_checkpoint(bad, 'cpu')
     bad['config'] = dict(bad['config'], lora_r=8)
     with pytest.raises(SystemExit):
-        load_vlm(dict(load_checkpoint(out / 'ckpt.pt'), config=bad['config']), 'cpu')
+        from_checkpoint(dict(load_checkpoint(out / 'ckpt.pt'), config=bad['config']), 'cpu')
 
     # merged export: plain weights, same answers as base + adapters
-    run([sys.executable, 'lora.py', 'merge', str(out), str(tmp_path / 'merged')])
+    run([sys.executable, 'checkpoint.py', 'merge', str(out), str(tmp_path / 'merged')])
     merged = load_checkpoint(tmp_path / 'merged' / 'ckpt.pt')
     assert not any('lora_' in k for k in merged['model'])
     images = np.array(np.load(os.path.join(shapes_dir, 'images.npy'), mmap_mode='r')[:4])
-    tok = Tokenizer.from_state(ckpt['tokenizer'])
-    a = load_vlm(load_checkpoint(out / 'ckpt.pt'), 'cpu').eval().chat(tok, images, ['how many shapes?'] * 4)
-    b = load_vlm(merged, 'cpu').eval().chat(tok, images, ['how many shapes?'] * 4)
+    tok = tokenizer_from_state(ckpt['tokenizer'])
+    a = from_checkpoint(load_checkpoint(out / 'ckpt.pt'), 'cpu').eval().chat(tok, images, ['how many shapes?'] * 4)
+    b = from_checkpoint(merged, 'cpu').eval().chat(tok, images, ['how many shapes?'] * 4)
     assert a == b
     # classify.py takes a LoRA run (base + adapters) and scores as the merged export does
     import classify

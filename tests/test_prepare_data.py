@@ -115,17 +115,15 @@ def test_on_disk_format(shapes_dir):
 
 import csv
 import pickle
-import subprocess
 import sys
 
 import pytest
 from PIL import Image
 
 import prepare_data
-from conftest import ROOT, TINY, run
-from model import IGNORE_INDEX, Tokenizer
+from conftest import TINY, run
+from data import VLMDataset
 from prepare_data import IMAGE_TOKEN
-from training import VLMDataset, collate, encode_sample
 
 CIFAR_CLASSES = ['airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck']
 
@@ -332,17 +330,6 @@ def test_imagefolder_modes_resize_and_shards(tmp_path):
         assert np.array_equal(ds2.images[r['image']], ds.images[r['image']])
 
 
-def test_resize_crop_and_pad():
-    img = Image.new('RGB', (40, 20), (255, 0, 0))
-    img.paste((0, 255, 0), (0, 0, 10, 20))  # a green band on the left quarter
-    crop = np.asarray(prepare_data.fit(img, 10, 'crop'))
-    pad = np.asarray(prepare_data.fit(img, 10, 'pad'))
-    assert crop.shape == pad.shape == (10, 10, 3)
-    assert (crop[..., 0] > 200).all()  # the center square: all red, the green band cut off
-    assert (pad[:2] == 0).all() and (pad[-2:] == 0).all()  # 10x5 picture on black, rows 0-1 and 8-9 empty
-    assert pad[5, 0, 1] > 200 and pad[5, 9, 0] > 200
-
-
 def test_csv_source_and_bad_rows(tmp_path):
     (tmp_path / 'img').mkdir()
     for i in range(5):
@@ -408,56 +395,6 @@ def test_hf_missing_dataset_offline_is_one_line(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# conversations: where the loss is, and what happens when a sample is too long
-
-def test_multi_turn_loss_on_every_answer_and_nowhere_else():
-    turns = [{'role': 'user', 'content': '<image>\nwhat is it?'}, {'role': 'assistant', 'content': 'a red square'},
-             {'role': 'user', 'content': 'is it big?'}, {'role': 'assistant', 'content': 'no'},
-             {'role': 'user', 'content': 'and the color?'}, {'role': 'assistant', 'content': 'red'}]
-    tok = Tokenizer.build('word', [t['content'] for t in turns])
-    ids, targets, _, _, cut = encode_sample(tok, turns, 4, 256)
-    assert cut == 0
-    # walk the sequence: the predicted token (ids[t+1]) is supervised iff it is inside an assistant turn
-    role, want = None, []
-    for t in range(len(ids) - 1):
-        nxt = ids[t + 1]
-        if nxt in (tok.user_id, tok.assistant_id):
-            role = 'assistant' if nxt == tok.assistant_id else 'user'
-            want.append(False)
-        else:
-            want.append(role == 'assistant')  # the answer's words and its <|end|>
-    got = [x != IGNORE_INDEX for x in targets[:-1]]
-    assert got == want and targets[-1] == IGNORE_INDEX
-    answers = [tok.decode([x]) for x in targets if x != IGNORE_INDEX and x != tok.eot_id]
-    assert answers == ['a', 'red', 'square', 'no', 'red'] and targets.count(tok.eot_id) == 3
-
-
-class _Records:
-    def __init__(self, recs, size=8):
-        self.records, self.images = recs, np.zeros((len(recs), size, size, 3), np.uint8)
-
-
-def test_too_long_samples_are_truncated_by_turns_counted_never_dropped():
-    long_turns = [{'role': 'user', 'content': '<image>\nq0'}, {'role': 'assistant', 'content': 'a0'}]
-    for k in range(1, 6):
-        long_turns += [{'role': 'user', 'content': f'q{k}'}, {'role': 'assistant', 'content': f'a{k}'}]
-    huge = [{'role': 'user', 'content': '<image>\nq0'}, {'role': 'assistant', 'content': ' '.join(['a1'] * 50)}]
-    recs = [{'image': 0, 'turns': long_turns}, {'image': 1, 'turns': huge}, {'image': 2, 'turns': long_turns[:2]}]
-    tok = Tokenizer.build('word', [t['content'] for r in recs for t in r['turns']])
-    from collections import Counter
-    stats = Counter()
-    batch = collate(_Records(recs), [0, 1, 2], tok, 4, 20, stats)
-    assert batch['input_ids'].shape == (3, 20) and len(batch['images']) == 3 and stats['truncated'] == 2
-    ids = batch['input_ids'][0][batch['attention_mask'][0]].tolist()
-    # whole pairs only: the kept ones end with an answer and its <|end|>
-    assert tok.decode(ids).split() == ['q0', 'a0', 'q1', 'a1'] and ids[-1] == tok.eot_id  # 17 tokens, a third pair: 23
-    assert (batch['targets'][1] != IGNORE_INDEX).sum() > 0  # the over-long answer is cut, still trained on
-    assert stats['truncated'] == 2
-    with pytest.raises(SystemExit, match='max_seq_len=5'):
-        collate(_Records(recs), [2], tok, 4, 5, stats)
-
-
-# -----------------------------------------------------------------------------
 # the whole path: prepared non-shapes data trains, and --inspect shows it
 
 @pytest.fixture(scope='module')
@@ -491,16 +428,3 @@ def test_inspect_prints_stats_and_writes_contact_sheet(cifar_shards, capsys):
     assert sheet.size == (4 * 128, 4 * (128 + 48))
 
 
-def test_step_batches_follow_the_data_order_across_epochs():
-    from training import DataOrder, StepBatches
-    recs = [{'image': i, 'turns': [{'role': 'user', 'content': '<image>\nq'}, {'role': 'assistant', 'content': f'a{i}'}]}
-            for i in range(10)]
-    tok = Tokenizer.build('word', [t['content'] for r in recs for t in r['turns']])
-    order = DataOrder(10, 3, epoch=1, cursor=4)  # a resumed run, mid-epoch
-    steps = StepBatches(_Records(recs), DataOrder(10, 3, epoch=1, cursor=4), 3, 2, 2, 1, (tok, 1, 64, False))
-    for k in range(5):  # 12 samples a step: every step crosses or nears an epoch boundary
-        idx = order.take(12)
-        micro, _ = steps[k]
-        for m, b in enumerate(micro):  # rank 1 of 2, micro-step m: the slice inline training takes
-            want = idx[(m * 2 + 1) * 3:(m * 2 + 2) * 3]
-            assert [tok.decode([int(x)]) for x in b['targets'][b['targets'] > tok.eot_id]] == [f'a{i}' for i in want]

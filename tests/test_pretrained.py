@@ -11,10 +11,11 @@ import torch
 import transformers
 from tokenizers import Tokenizer as RawTokenizer, decoders, models, pre_tokenizers
 
+from checkpoint import from_checkpoint
 from conftest import TINY, run
-from model import (VLM, ConnectorConfig, Decoder, HFCausalLM, HFTokenizer, Tokenizer, ViTConfig, VLMConfig,
-                   left_pad, load_decoder, load_pretrained_llm, resolve_pretrained)
-from training import collate, load_vlm, vlm_config
+from data import collate
+from model import VLM, ConnectorConfig, Decoder, ViTConfig, VLMConfig, left_pad
+from pretrained import HFCausalLM, load_decoder, load_pretrained_llm, resolve_pretrained
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -144,29 +145,24 @@ def test_other_causal_lms_run_through_the_wrapper(kind, tmp_path):
     assert torch.equal(a, b)
 
 
-def test_chat_template_and_supervision(tmp_path):
-    tok = HFTokenizer(byte_tokenizer())
-    ids, sup = tok.encode_chat(CONVERSATION, 3)
-    assert ids.count(tok.image_token_id) == 3
-    end = tok.tok.convert_tokens_to_ids('<|im_end|>')
-    assert tok.eot_id == end
-    assert [t for t, s in zip(ids, sup) if s] == tok.encode('red') + [end] + tok.encode('a large blue square.') + [end]
-    ids1, _ = tok.encode_chat(CONVERSATION, 1, add_generation_prompt=False)
-    assert tok.tok.decode(ids1) == tok.tok.apply_chat_template(CONVERSATION, tokenize=False)
-    ids1, _ = tok.encode_chat(CONVERSATION[:3], 1, add_generation_prompt=True)
-    assert tok.tok.decode(ids1) == tok.tok.apply_chat_template(CONVERSATION[:3], tokenize=False, add_generation_prompt=True)
-    # no chat template and no pad token (GPT-2): the plain template, answers end with <eos>, which also pads
-    plain = HFTokenizer(byte_tokenizer(None))
-    ids, sup = plain.encode_chat(CONVERSATION[:2], 1)
-    eos = plain.tok.eos_token_id
-    assert plain.eot_id == plain.pad_id == eos
-    assert [t for t, s in zip(ids, sup) if s] == plain.encode(' red') + [eos]
-    assert plain.tok.decode(ids) == 'User: <image>\nwhat color is the circle?\nAssistant: red<|endoftext|>\n'
-    # the checkpoint keeps the tokenizer as plain data: weights_only loading works, and it encodes the same
-    torch.save({'tokenizer': tok.state()}, tmp_path / 't.pt')
-    back = Tokenizer.from_state(torch.load(tmp_path / 't.pt', weights_only=True)['tokenizer'])
-    assert back.encode_chat(CONVERSATION, 3) == tok.encode_chat(CONVERSATION, 3)
-    assert back.image_token_id == tok.image_token_id and back.eot_id == tok.eot_id
+@pytest.mark.parametrize('kind', ['llama', 'phi', 'gpt2'])
+def test_scoring_answers_with_a_shared_prompt_cache_equals_each_answer_alone(kind, tmp_path):
+    """VLM.score (classify.py's score mode): the prompt and image run once, their KV cache is copied to every
+    answer; with the native decoder's cache and with a Hugging Face model's own (HFCausalLM)."""
+    save_tiny(kind, tmp_path)
+    tok, llm = load_pretrained_llm(str(tmp_path))
+    model = tiny_vlm(tok, llm)
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    prompt, _ = tok.encode_chat([CONVERSATION[0]], model.num_image_tokens, add_generation_prompt=True)
+    answers = [tok.encode(a) for a in ('red', 'a large blue square', 'no')]  # different lengths: padded
+    got = model.score(prompt, images, answers, tok.pad_id)
+    for b in range(2):
+        for k, a in enumerate(answers):
+            ids = torch.tensor([prompt + a])
+            with torch.no_grad():
+                logp = model(ids, images[b:b + 1]).float().log_softmax(-1)[0]
+            want = sum(logp[len(prompt) + i - 1, t] for i, t in enumerate(a)) / len(a)
+            assert abs(float(got[b, k]) - float(want)) < 1e-4, (kind, b, k, float(got[b, k]), float(want))
 
 
 def test_a_model_id_in_the_hugging_face_cache_resolves_offline(tmp_path, monkeypatch):
@@ -199,7 +195,7 @@ def test_align_then_finetune_with_a_pretrained_llm(shapes_dir, tmp_path):
     ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / 'llm')
     # the frozen LLM is not saved, only what trained and how to rebuild the base; rebuilt, it is the pretrained one
     assert 'base' in align and not any(k.startswith('llm.') for k in align['model'])
-    torch.testing.assert_close(load_vlm(align, 'cpu').llm.layers[0].mlp.up_proj.weight,
+    torch.testing.assert_close(from_checkpoint(align, 'cpu').llm.layers[0].mlp.up_proj.weight,
                                ref.model.layers[0].mlp.up_proj.weight, rtol=0, atol=0)
     run([sys.executable, 'train_vlm.py', *common, f'--out_dir={tmp_path / "ft"}', f'--init_from={tmp_path / "align"}'])
     ft = torch.load(tmp_path / 'ft' / 'ckpt.pt', weights_only=True)
@@ -232,7 +228,7 @@ def smollm2():
 def test_smollm2_gguf_as_a_frozen_text_tower(smollm2):
     """train_siglip.py --text_tower=smollm2: the middle layer's hidden states, mean-pooled without the first
     (attention-sink) token, equal transformers' own for each text of a right-padded batch."""
-    from model import FrozenTextEncoder
+    from pretrained import FrozenTextEncoder
     ref = smollm2[2]
     enc = FrozenTextEncoder(smollm2_gguf())
     assert enc.causal and enc.layer == ref.config.num_hidden_layers // 2 == 15

@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from conftest import run
-from model import VLM, Tokenizer, VLMConfig
+from checkpoint import tokenizer_from_state
+from model import VLM, VLMConfig
 
 
 def save_test_images(shapes_dir, folder, n=3):
@@ -25,7 +26,7 @@ def reference_answers(out_dir, pixels, prompt):
     ckpt = torch.load(os.path.join(out_dir, 'ckpt.pt'), weights_only=True)
     model = VLM(VLMConfig.from_dict(ckpt['model_config']))
     model.load_state_dict(ckpt['model'])
-    return model.eval().chat(Tokenizer.from_state(ckpt['tokenizer']), np.stack(pixels), [prompt] * len(pixels))
+    return model.eval().chat(tokenizer_from_state(ckpt['tokenizer']), np.stack(pixels), [prompt] * len(pixels))
 
 
 def test_answers_match_the_model_for_a_file_and_a_folder(tiny_run, shapes_dir, tmp_path):

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import TINY, run
-from model import VisionTower, load_pretrained_vision
-from training import load_vlm
+from checkpoint import from_checkpoint
+from model import VisionTower
+from pretrained import load_pretrained_vision
 
 transformers = pytest.importorskip('transformers')
 
@@ -135,7 +136,8 @@ def test_loader_refuses_a_missing_tensor_and_a_missing_model(tmp_path):
 
 def test_frozen_tower_runs_without_autograd_and_the_connector_still_learns(tmp_path):
     from test_model import TEXTS, images
-    from model import VLM, ConnectorConfig, DecoderConfig, Tokenizer, VLMConfig
+    from model import VLM, ConnectorConfig, DecoderConfig, VLMConfig
+    from tokenizer import Tokenizer
     save_tiny('siglip', tmp_path)
     vit, state = load_pretrained_vision(str(tmp_path))
     tok = Tokenizer.build('word', TEXTS)
@@ -167,7 +169,7 @@ def test_train_with_a_frozen_pretrained_siglip_tower(shapes_dir, tmp_path):
     # a frozen tower is not saved (only what trained, and how to rebuild the base); rebuilt, it is the pretrained one
     assert 'base' in ckpt and not any(k.startswith('vision_tower.') for k in ckpt['model'])
     _, state = load_pretrained_vision(str(tower))
-    rebuilt = load_vlm(ckpt, 'cpu').vision_tower.state_dict()
+    rebuilt = from_checkpoint(ckpt, 'cpu').vision_tower.state_dict()
     for k, v in state.items():  # 64x64 shapes images went through the 32x32 tower, whose weights did not move
         assert torch.equal(rebuilt[k], v), k
     assert ckpt['model_config']['vision']['source'] == str(tower)

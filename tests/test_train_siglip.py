@@ -8,7 +8,7 @@ import torch
 
 from conftest import ROOT, TINY, run
 from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, siglip_loss
-from training import load_vlm, run_vision_tower
+from checkpoint import from_checkpoint, load_vision
 
 SIGLIP_TINY = ['--vit_layers=1', '--vit_width=32', '--vit_heads=2', '--text_layers=1', '--text_width=32',
                '--text_heads=2', '--embed_dim=32', '--device=cpu', '--log_interval=1']
@@ -94,7 +94,7 @@ sys.path.insert(0, {root!r})
 sys.path.insert(0, {tests!r})
 import torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from test_siglip import IMAGE_IDS, MANY_TEXTS, TEXT_IDS, tiny_siglip
+from test_train_siglip import IMAGE_IDS, MANY_TEXTS, TEXT_IDS, tiny_siglip
 dist.init_process_group('gloo')
 rank, world = dist.get_rank(), dist.get_world_size()
 model, images, ids, mask = tiny_siglip()
@@ -191,14 +191,14 @@ def test_train_vlm_loads_the_stage1_tower_frozen_and_trains(siglip_run, tmp_path
     stage1 = torch.load(os.path.join(out, 'ckpt.pt'), weights_only=True)['model']
     vlm = torch.load(tmp_path / 'ckpt.pt', weights_only=True)
     assert not any(k.startswith('vision_tower.') for k in vlm['model'])  # frozen: rebuilt from stage 1, not saved
-    tower = load_vlm(vlm, 'cpu').vision_tower.state_dict()
+    tower = from_checkpoint(vlm, 'cpu').vision_tower.state_dict()
     assert tower and set(tower) == {k[len('vision_tower.'):] for k in stage1 if k.startswith('vision_tower.')}
     for k, v in tower.items():
         torch.testing.assert_close(v, stage1['vision_tower.' + k], rtol=0, atol=0)
     losses = [json.loads(l)['loss'] for l in open(tmp_path / 'metrics.jsonl') if '"loss"' in l]
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
     # a train_vlm.py run's tower (here the same stage-1 tower, rebuilt through that run's base)
-    cfg, weights = run_vision_tower(str(tmp_path))
+    cfg, weights = load_vision(str(tmp_path))
     assert cfg.n_embd == vlm['model_config']['vision']['n_embd'] and set(weights) == set(tower)
     for k, v in tower.items():
         torch.testing.assert_close(weights[k], v, rtol=0, atol=0)
@@ -207,34 +207,6 @@ def test_train_vlm_loads_the_stage1_tower_frozen_and_trains(siglip_run, tmp_path
     bad = run([sys.executable, 'train_vlm.py', f'--data_dir={data}', f'--out_dir={tmp_path}', *TINY,
                f'--vision={tmp_path / "other"}'], check=False)
     assert bad.returncode != 0 and 'not written by train_siglip.py or train_vlm.py' in bad.stderr
-
-
-def test_vision_layer_cuts_a_run_tower_at_that_block(tmp_path):
-    """vision_layer=-2 on a stage-1 run: the penultimate block's raw output (LLaVA's choice), built without the
-    blocks after it; -1 is the tower as trained; a layer the tower does not have is a one-line error."""
-    from model import VisionTower
-    from training import load_vision_tower
-    torch.manual_seed(0)
-    cfg = SigLIPConfig(vision=ViTConfig(image_size=16, patch_size=4, n_layer=3, n_head=2, n_embd=16),
-                       text=TextConfig(vocab_size=20, max_len=8, n_layer=1, n_head=2, n_embd=16), embed_dim=8)
-    stage1 = SigLIP(cfg)
-    torch.save({'model': stage1.state_dict(), 'model_config': cfg.to_dict()}, tmp_path / 'ckpt.pt')
-    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
-    t = stage1.vision_tower.eval()
-    with torch.no_grad():
-        x = t.patch_embed(t.pixels(images)).flatten(2).transpose(1, 2) + t.pos_embed
-        penultimate = t.blocks[1](t.blocks[0](x))
-        last = t(images)
-    for layer, want, n in ((-2, penultimate, 2), (2, penultimate, 2), (-1, last, 3)):
-        vcfg, weights = load_vision_tower({'vision': str(tmp_path), 'vision_layer': layer, 'vision_cls': False})
-        assert vcfg.n_layer == n and vcfg.post_norm == (n == 3)
-        tower = VisionTower(vcfg)
-        tower.load_state_dict(weights)  # strict: exactly the weights of the blocks kept
-        with torch.no_grad():
-            torch.testing.assert_close(tower.eval()(images), want)
-    for layer in (-4, 4):
-        with pytest.raises(SystemExit, match=f'vision_layer={layer} but .* has 3 blocks'):
-            load_vision_tower({'vision': str(tmp_path), 'vision_layer': layer, 'vision_cls': False})
 
 
 def test_frozen_text_tower_features_are_cached_once(siglip_run, tmp_path):
@@ -256,7 +228,7 @@ def test_frozen_text_tower_features_are_cached_once(siglip_run, tmp_path):
     again = run(args + [f'--out_dir={tmp_path / "b"}'])
     assert 'texts through frozen' not in again.stdout  # the cache answered
     cache = torch.load(os.path.join(data, 'text_features_tiny_bert_auto.pt'), weights_only=True)
-    from model import FrozenTextEncoder
+    from pretrained import FrozenTextEncoder
     direct = FrozenTextEncoder(str(enc_dir))(cache['texts'][:5])
     torch.testing.assert_close(cache['features'][:5], direct, rtol=0.05, atol=0.05)  # the cache ran in bf16 autocast
     ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)

@@ -1,6 +1,5 @@
 import json
 import os
-import shutil
 import sys
 
 import torch
@@ -61,7 +60,7 @@ def test_bridge_connector_trains(shapes_dir, tmp_path):
 
 def test_a_new_run_starts_from_the_tower_and_llm_of_an_earlier_one(shapes_dir, tmp_path):
     # vision= and llm= name an earlier run's out_dir: its trained parts, frozen here, around a new connector
-    from training import load_vlm
+    from checkpoint import from_checkpoint
     first, second = tmp_path / 'first', tmp_path / 'second'
     short = ['--batch_size=8', '--test_at_end=False', '--eval_questions=4']
     train(shapes_dir, first, '--max_iters=4', '--eval_interval=4', *short)
@@ -69,7 +68,7 @@ def test_a_new_run_starts_from_the_tower_and_llm_of_an_earlier_one(shapes_dir, t
           '--connector=mlp', '--max_iters=2', '--eval_interval=2', *short)
     ckpt = torch.load(second / 'ckpt.pt', weights_only=True)
     assert {k.split('.')[0] for k in ckpt['model']} == {'connector'}  # only the new connector trained and saved
-    model, earlier = load_vlm(ckpt, 'cpu'), weights(first)
+    model, earlier = from_checkpoint(ckpt, 'cpu'), weights(first)
     for part in ('vision_tower', 'llm'):
         for k, v in getattr(model, part).state_dict().items():
             assert torch.equal(v, earlier[f'{part}.{k}']), (part, k)

@@ -1,0 +1,415 @@
+"""
+A train_vlm.py run: its model built from a config, saved, and loaded back.
+
+    ModelSpec        the keys of train_vlm.py that decide the model (the script builds it once from its globals)
+    build_model      what train_vlm.py (and bench.py) trains: the model, its tokenizer, its config, its base
+    load_run         a run's model and tokenizer as it was trained, for sample.py, classify.py, llm= and vision=
+    save_checkpoint  written to a temporary file, synced and renamed: a crash never leaves a half-written one
+
+A run that does not train every part in full saves only what it trained, plus its base: how to rebuild
+the model before training (a seeded init around the pretrained parts, an earlier run's weights, or a
+Hugging Face VLM) and a fingerprint of it, which the rebuilt base must match.
+
+    python checkpoint.py merge out/lora out/merged [--dequantize]   # adapters folded into full weights
+"""
+import math
+import os
+import sys
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+from errors import GlimpseError
+from lora import DEFAULT_TARGETS, apply_lora, merge_lora
+from model import VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig, checkpoint_context
+from pretrained import HFCausalLM, HFVLM, blocks_kept, hf_tokenizer_from_files, load_pretrained_llm, load_pretrained_vision
+from tokenizer import Tokenizer
+from training import seed_everything
+
+MODES = ('frozen', 'full', 'lora', 'qlora')  # what a part does in training: per part, vision_mode and llm_mode
+
+
+@dataclass
+class ModelSpec:
+    """train_vlm.py's keys that decide its model, with the script's defaults (tests/test_checkpoint.py holds
+    the two together); each means what the comment beside it in train_vlm.py says."""
+    # the parts: a whole Hugging Face VLM, or glimpse's VLM from a vision tower, a connector and an LLM
+    hf_vlm: str = ''
+    vision: str = 'scratch'
+    vision_layer: int = -1
+    vision_cls: bool = False
+    image_size: int = 64
+    patch_size: int = 8
+    patch_overlap: int = 0
+    vit_layers: int = 4
+    vit_width: int = 128
+    vit_heads: int = 4
+    connector: str = 'pixel_shuffle'
+    pixel_shuffle_factor: int = 2
+    bridge_heads: int = 8
+    llm: str = 'scratch'
+    llm_layers: int = 4
+    llm_width: int = 256
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_mlp_width: int = 688
+    tie_embeddings: bool = True
+    tokenizer: str = 'word'
+    # what trains
+    vision_mode: str = 'full'
+    llm_mode: str = 'full'
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_targets: tuple = DEFAULT_TARGETS
+    rslora: bool = False
+    qlora_quant_type: str = 'nf4'
+    qlora_double_quant: bool = True
+    grad_checkpointing: bool = False
+    dtype: str = 'auto'  # the run's resolved autocast dtype: QLoRA's compute dtype
+    # where the weights before training come from
+    init_from: str = 'scratch'
+    seed: int = 1337
+
+    @classmethod
+    def from_config(cls, c):
+        """From a script's config dict (or a checkpoint's saved one); a key it lacks keeps the default."""
+        return cls(**{f.name: c[f.name] for f in fields(cls) if f.name in c})
+
+    def trains_everything(self):
+        return self.vision_mode == self.llm_mode == 'full'
+
+
+# -----------------------------------------------------------------------------
+# files
+
+def save_checkpoint(obj, path):
+    """Written to a temporary file, synced to disk and renamed: a crash never leaves a half-written checkpoint."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = path + '.tmp'
+    with open(tmp, 'wb') as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device='cpu'):
+    if not os.path.exists(path):
+        raise GlimpseError(f'checkpoint error: {path} not found; train one with: python train_vlm.py config/shapes.py')
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def raw_state_dict(model):
+    """The weights without the '_orig_mod.' (torch.compile) or 'module.' (DDP) prefixes."""
+    model = getattr(model, 'module', model)
+    model = getattr(model, '_orig_mod', model)
+    return model.state_dict()
+
+
+def tokenizer_from_state(s):
+    """A tokenizer from the state() a checkpoint stored: glimpse's word or byte tokenizer, or a pretrained LLM's
+    own (its files). A whole Hugging Face VLM's processor comes back with its model (load_run)."""
+    if s['kind'] == 'hf':
+        return hf_tokenizer_from_files(s['files'])
+    if s['kind'] == 'hf_processor':
+        raise GlimpseError(f"checkpoint error: this run fine-tuned {s['source']}, whose processor comes with the "
+                           f"model: load the run with checkpoint.load_run")
+    return Tokenizer(s['kind'], s['words'])
+
+
+# -----------------------------------------------------------------------------
+# partial checkpoints: what trained, and a fingerprint of the base it trained on
+
+def trained_state_dict(model):
+    """Only what trains: adapters and any parameter still requiring grad (connector, 'full' parts)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: v for n, v in model.state_dict().items() if n in names}
+
+
+def load_trained_state_dict(model, sd, source='checkpoint'):
+    """Copy a trained_state_dict into a rebuilt model; every key must be used and every trainable
+    parameter must be given."""
+    params = dict(model.named_parameters())
+    unknown = [k for k in sd if k not in params]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in sd]
+    if unknown or missing:
+        raise GlimpseError(f'checkpoint error: {source} does not fit this model (unknown keys {unknown[:3]}, '
+                           f'missing trainable {missing[:3]}); use the same llm_mode/vision_mode and lora_* settings')
+    with torch.no_grad():
+        for k, v in sd.items():
+            if params[k].shape != v.shape:
+                raise GlimpseError(f'checkpoint error: {source} key {k} has shape {tuple(v.shape)}, '
+                                   f'model has {tuple(params[k].shape)}; use the same lora_r and model settings')
+            params[k].copy_(v)
+
+
+@torch.no_grad()
+def base_fingerprint(model):
+    """What a partial checkpoint needs to find again: every tensor's name and shape, and a float64
+    checksum of the values (different weights of the same shapes give a different checksum)."""
+    shapes = {n: list(v.shape) for n, v in model.state_dict().items()}
+    checksum = sum(float(v.double().abs().sum()) for v in model.state_dict().values() if v.is_floating_point())
+    return {'shapes': shapes, 'checksum': checksum}
+
+
+def check_fingerprint(expected, got, source):
+    """expected, got: base_fingerprint()s of the base a checkpoint was trained on and of the rebuilt one."""
+    if got['shapes'] != expected['shapes']:
+        diff = sorted(k for k in set(got['shapes']) | set(expected['shapes'])
+                      if got['shapes'].get(k) != expected['shapes'].get(k))
+        raise GlimpseError(f'checkpoint error: the base model rebuilt for {source} differs from the one it was trained '
+                           f'on ({len(diff)} tensors differ, e.g. {diff[:3]}); give the same base weights and model keys')
+    if not math.isclose(got['checksum'], expected['checksum'], rel_tol=1e-6):
+        raise GlimpseError(f'checkpoint error: the base weights rebuilt for {source} have the right shapes but other '
+                           f'values (checksum {got["checksum"]:.6g} != {expected["checksum"]:.6g}); '
+                           'point llm/vision/seed at the base the adapters were trained on')
+
+
+# -----------------------------------------------------------------------------
+# the parts: an LLM and a vision tower, pretrained or from an earlier run
+
+def load_llm(source):
+    """(tokenizer, LLM module) of train_vlm.py's llm= other than 'scratch': the out_dir of a train_vlm.py run
+    (its language model as trained, adapters merged, and its tokenizer), or a pretrained LLM (a Hugging
+    Face directory or cache id, or a .gguf file: pretrained.load_pretrained_llm)."""
+    if not os.path.isfile(os.path.join(source, 'ckpt.pt')):
+        return load_pretrained_llm(source)
+    model, tok = load_run(source)
+    if isinstance(model, HFVLM):
+        raise GlimpseError(f'llm error: {source} fine-tuned a whole Hugging Face VLM; llm= takes a run of glimpse\'s '
+                           f'own VLM, a Hugging Face causal LM (directory or cache id) or a .gguf file')
+    return tok, merge_lora(model, dequantize=True).llm
+
+
+def load_vision(source, layer=-1, keep_cls=False):
+    """(ViTConfig, weights) of train_vlm.py's vision= other than 'scratch': the out_dir of a train_siglip.py run
+    (stage 1) or of a train_vlm.py run (its tower as trained, adapters merged; a tower that run kept frozen
+    comes from that run's own source), or a SigLIP, CLIP or DINOv2 checkpoint (pretrained.load_pretrained_vision).
+    layer: the block whose output is the tower's (-1 the last, with its final LayerNorm; -2 the penultimate's
+    raw output, as LLaVA takes CLIP's; 1..L from the first); the blocks after it are dropped."""
+    path = os.path.join(source, 'ckpt.pt')
+    if not os.path.isfile(path):
+        return load_pretrained_vision(source, layer, keep_cls)
+    if keep_cls:
+        raise GlimpseError(f'config error: vision_cls=True but {source} holds a glimpse ViT, which has no class token')
+    ckpt = load_checkpoint(path)
+    cfg = ckpt.get('model_config', {})
+    if 'vision' in cfg and 'connector' in cfg:  # a train_vlm.py run
+        if ckpt.get('config', {}).get('hf_vlm'):
+            raise GlimpseError(f"vision error: {path} fine-tuned {ckpt['config']['hf_vlm']}, whose tower is not a "
+                               f"glimpse ViT; vision= takes a glimpse run or a SigLIP, CLIP or DINOv2 checkpoint")
+        vlm = merge_lora(from_checkpoint(ckpt, source=path), dequantize=True)
+        vit, weights = vlm.cfg.vision, vlm.vision_tower.state_dict()
+    elif 'image_tower' in cfg:  # a train_siglip.py run
+        if cfg['image_tower'] != 'vit':
+            raise GlimpseError(f"vision error: {path} holds a {cfg['image_tower']} image tower; the VLM takes a ViT "
+                               f"one (train_siglip.py --image_tower=vit)")
+        vit = ViTConfig(**cfg['vision'])
+        weights = {k[len('vision_tower.'):]: v for k, v in ckpt['model'].items() if k.startswith('vision_tower.')}
+    else:
+        raise GlimpseError(f'vision error: {path} was not written by train_siglip.py or train_vlm.py '
+                           f'(its model_config has neither image_tower nor vision)')
+    n_keep = blocks_kept(layer, vit.n_layer, source)
+    if n_keep == vit.n_layer:
+        return vit, weights
+    keep = lambda k: not k.startswith('ln_post.') and not (k.startswith('blocks.') and int(k.split('.')[1]) >= n_keep)
+    return replace(vit, n_layer=n_keep, post_norm=False), {k: v for k, v in weights.items() if keep(k)}
+
+
+def vlm_config(spec, tok, llm=None, vision=None):
+    """The VLMConfig of spec for this tokenizer. llm: a pretrained Decoder or HFCausalLM, whose config replaces
+    the llm_* keys; vision: a pretrained tower's ViTConfig, which replaces the vit_* keys (the connector's input
+    width follows)."""
+    if vision is None and (spec.vision_layer != -1 or spec.vision_cls):
+        raise GlimpseError("config error: vision_layer and vision_cls choose features of a pretrained tower; "
+                           "with vision='scratch' leave them at -1 and False (the vit_* keys shape the ViT)")
+    if vision is not None and vision.keep_cls and spec.connector == 'pixel_shuffle':
+        raise GlimpseError("config error: vision_cls=True adds a token to the patch grid, which pixel_shuffle cannot "
+                           "fold; use connector='mlp'")
+    llm_cfg = llm.cfg if llm is not None else DecoderConfig(
+        vocab_size=tok.vocab_size, n_layer=spec.llm_layers, n_head=spec.llm_heads, n_kv_head=spec.llm_kv_heads,
+        n_embd=spec.llm_width, intermediate_size=spec.llm_mlp_width, tie_embeddings=spec.tie_embeddings)
+    vision = vision or ViTConfig(image_size=spec.image_size, patch_size=spec.patch_size,
+                                 patch_overlap=spec.patch_overlap, n_layer=spec.vit_layers, n_head=spec.vit_heads,
+                                 n_embd=spec.vit_width)
+    return VLMConfig(
+        vision=vision,
+        connector=ConnectorConfig(kind=spec.connector, in_dim=vision.n_embd, out_dim=llm_cfg.n_embd,
+                                  scale_factor=spec.pixel_shuffle_factor, n_head=spec.bridge_heads),
+        llm=llm_cfg, image_token_id=tok.image_token_id,
+        hf_llm=llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None)
+
+
+def new_vlm(cfg):
+    """A VLM of cfg with fresh weights (to load a checkpoint's over): its LLM built from cfg.llm, or from
+    cfg.hf_llm for a Hugging Face causal LM."""
+    return VLM(cfg, HFCausalLM(cfg.hf_llm) if cfg.hf_llm else None)
+
+
+# -----------------------------------------------------------------------------
+# the model a run trains
+
+def apply_modes(model, spec):
+    """Freeze, train, or adapt with LoRA / QLoRA the vision tower and the language model of a VLM or an HFVLM
+    (spec.vision_mode, spec.llm_mode). A VLM's connector always trains; an HFVLM's other parts (connector,
+    output head) stay frozen, the head trains with a 'full' LLM. Gradient checkpointing of the LLM's blocks
+    follows spec.grad_checkpointing."""
+    hf_vlm = isinstance(model, HFVLM)
+    if hf_vlm:
+        model.requires_grad_(False)
+    for part, module, mode in (('vision', model.vision_tower, spec.vision_mode), ('llm', model.llm, spec.llm_mode)):
+        if mode not in MODES:
+            raise GlimpseError(f"config error: --{part}_mode={mode!r}: use one of {', '.join(MODES)}")
+        if mode in ('frozen', 'full'):
+            module.requires_grad_(mode == 'full')
+            continue
+        if mode == 'qlora' and spec.qlora_quant_type not in ('nf4', 'fp4'):
+            raise GlimpseError(f"config error: --qlora_quant_type={spec.qlora_quant_type!r}: use 'nf4' or 'fp4'")
+        if mode == 'qlora' and spec.dtype == 'auto':
+            raise ValueError("ModelSpec.dtype is QLoRA's compute dtype: resolve 'auto' first (training.pick_dtype)")
+        try:
+            apply_lora(module, spec.lora_targets, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.rslora,
+                       quantize=spec.qlora_quant_type if mode == 'qlora' else None,
+                       double_quant=spec.qlora_double_quant, compute_dtype=getattr(torch, spec.dtype, torch.float32))
+        except ValueError as e:  # no layer matches lora_targets
+            raise GlimpseError(f'config error: --{part}_mode={mode}: {e}')
+    if hf_vlm and spec.llm_mode == 'full':  # the output head sits outside the language model in these models
+        model.model.get_output_embeddings().requires_grad_(True)
+    hf_model = model.model if hf_vlm else model.llm.model if isinstance(model.llm, HFCausalLM) else None
+    if hf_model is None:
+        model.llm.grad_checkpointing = spec.grad_checkpointing
+    elif spec.grad_checkpointing:  # the Hugging Face model's own block checkpointing
+        hf_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={'use_reentrant': False, 'context_fn': checkpoint_context})
+
+
+def base_model(model_cfg, spec, init_from, seed, device, pretrained=None):
+    """The model before any training of a run: seeded initial weights around the pretrained LLM and vision
+    tower that spec names, or the weights of the earlier run in the directory init_from (its adapters merged).
+    pretrained: (LLM module, vision weights), either None, when the caller has loaded them already."""
+    if init_from not in ('scratch', 'resume'):
+        return merge_lora(load_run(init_from)[0], dequantize=True).to(device)
+    if pretrained is None:
+        pretrained = (load_llm(spec.llm)[1] if spec.llm != 'scratch' else None,
+                      load_vision(spec.vision, spec.vision_layer, spec.vision_cls)[1] if spec.vision != 'scratch' else None)
+    llm, vision = pretrained
+    seed_everything(seed)  # after loading, which may draw random numbers: the same init on every rebuild
+    model = VLM(model_cfg, llm=llm)
+    if vision is not None:
+        model.vision_tower.load_state_dict(vision)
+    return model.to(device)
+
+
+def build_vlm(model_cfg, spec, device, ckpt=None, source='checkpoint', pretrained=None):
+    """glimpse's VLM of model_cfg on device, set up per spec's modes, with ckpt's weights if given. A run that
+    does not train everything saves only what it trained plus ckpt['base']: how to rebuild its base (seeded
+    init or an earlier run) and a fingerprint to check it against. Returns (model, base)."""
+    if ckpt and 'base' not in ckpt:  # full weights
+        if not spec.trains_everything():
+            raise GlimpseError(f'checkpoint error: {source} trained every part in full; resume it with '
+                               f'--vision_mode=full --llm_mode=full, or adapt it in a new run with '
+                               f'--init_from=<its out_dir>')
+        model = new_vlm(model_cfg)
+        model.load_state_dict(ckpt['model'])
+        apply_modes(model.to(device), spec)
+        return model, None
+    init_from = ckpt['base']['init_from'] if ckpt else spec.init_from
+    seed = ckpt['base']['seed'] if ckpt else spec.seed
+    model = base_model(model_cfg, spec, 'scratch' if init_from == 'resume' else init_from, seed, device, pretrained)
+    base = None if spec.trains_everything() else dict(base_fingerprint(model), init_from=init_from, seed=seed)
+    if ckpt:
+        check_fingerprint(ckpt['base'], base or base_fingerprint(model), source)
+    apply_modes(model, spec)
+    if ckpt:
+        load_trained_state_dict(model, ckpt['model'], source)
+    return model, base
+
+
+def build_hf_vlm(spec, device, ckpt=None, source='checkpoint', trust_remote_code=False):
+    """The Hugging Face VLM spec.hf_vlm on device, set up per spec's modes (apply_modes), with ckpt's trained
+    tensors if given. Its checkpoints hold only what trained, and base: the model's name and fingerprint,
+    which a rebuilt base must match. trust_remote_code comes from the person running the command, never from
+    a checkpoint. Returns (model, base)."""
+    if spec.init_from not in ('scratch', 'resume'):
+        raise GlimpseError(f"config error: --init_from={spec.init_from!r}: a hf_vlm run starts from its Hugging Face "
+                           f"model ('scratch') or resumes ('resume')")
+    name = spec.hf_vlm  # a moved model directory can be given anew: the fingerprint checks it
+    model = HFVLM(name, trust_remote_code).to(device)
+    base = dict(base_fingerprint(model), hf_vlm=name)
+    if ckpt:
+        check_fingerprint(ckpt['base'], base, source)
+    apply_modes(model, spec)
+    if ckpt:
+        load_trained_state_dict(model, ckpt['model'], source)
+    return model, base
+
+
+def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_remote_code=False):
+    """What train_vlm.py trains, on device and set up per spec's modes: (model, tokenizer, model_cfg, base).
+    With ckpt (a run being resumed), its weights; with spec.init_from the out_dir of an earlier run, that run's
+    model and tokenizer; else new, around the pretrained parts spec names, the tokenizer (spec.tokenizer)
+    built from texts when the LLM starts from scratch. model_cfg: the VLMConfig (an HFVLM's only summarises
+    its sizes, for MFU); base: what a partial checkpoint needs to rebuild its base (None if all trains)."""
+    if spec.hf_vlm:
+        model, base = build_hf_vlm(spec, device, ckpt, source, trust_remote_code)
+        return model, model.processor, model.cfg, base
+    pretrained = None
+    if ckpt or spec.init_from not in ('scratch', 'resume'):
+        made = ckpt or load_checkpoint(os.path.join(spec.init_from, 'ckpt.pt'))
+        tok, model_cfg = tokenizer_from_state(made['tokenizer']), VLMConfig.from_dict(made['model_config'])
+    elif spec.init_from == 'resume':
+        raise GlimpseError('config error: init_from=resume needs the checkpoint of the run to resume')
+    else:
+        tok, llm = (Tokenizer.build(spec.tokenizer, texts), None) if spec.llm == 'scratch' else load_llm(spec.llm)
+        vision = load_vision(spec.vision, spec.vision_layer, spec.vision_cls) if spec.vision != 'scratch' else None
+        model_cfg = vlm_config(spec, tok, llm, vision[0] if vision else None)
+        pretrained = (llm, vision[1] if vision else None)
+    model, base = build_vlm(model_cfg, spec, device, ckpt, source, pretrained)
+    return model, tok, model_cfg, base
+
+
+# -----------------------------------------------------------------------------
+# a finished run, for inference
+
+def from_checkpoint(ckpt, device='cpu', trust_remote_code=False, source='checkpoint'):
+    """The model of a loaded checkpoint, as it was trained: full weights, or its base rebuilt with what it
+    trained (adapters). trust_remote_code: the caller's, for a Hugging Face VLM that needs its own code."""
+    spec = ModelSpec.from_config(ckpt['config'])
+    if spec.hf_vlm:
+        return build_hf_vlm(spec, device, ckpt, source, trust_remote_code)[0]
+    return build_vlm(VLMConfig.from_dict(ckpt['model_config']), spec, device, ckpt, source)[0]
+
+
+def load_run(out_dir, device='cpu', checkpoint='ckpt.pt', trust_remote_code=False):
+    """(model, tokenizer) of a train_vlm.py run: out_dir/checkpoint (ckpt.pt, best.pt or weights.pt) on device.
+    The tokenizer of a whole Hugging Face VLM's run is its processor (tokenizer.HFProcessor)."""
+    path = os.path.join(out_dir, checkpoint)
+    ckpt = load_checkpoint(path, device)
+    if 'connector' not in ckpt.get('model_config', {}):
+        raise GlimpseError(f'checkpoint error: {path} was not written by train_vlm.py (its model_config has no '
+                           f'connector); give the out_dir of a train_vlm.py run')
+    model = from_checkpoint(ckpt, device, trust_remote_code, path)
+    return model, model.processor if isinstance(model, HFVLM) else tokenizer_from_state(ckpt['tokenizer'])
+
+
+def merge_run(src, dst, dequantize=False):
+    """A run that saved adapters -> a run of full weights in dst/ckpt.pt (QLoRA bases dequantised when asked)."""
+    ckpt = load_checkpoint(os.path.join(src, 'ckpt.pt'))
+    if 'base' not in ckpt:
+        raise GlimpseError(f'merge error: {src}/ckpt.pt holds full weights already; nothing to merge')
+    if ckpt['config'].get('hf_vlm'):
+        raise GlimpseError(f"merge error: {src} fine-tuned {ckpt['config']['hf_vlm']}; its adapters load with "
+                           f"its base (classify.py --out_dir, sample.py --out_dir), merged they have no glimpse form")
+    model = merge_lora(from_checkpoint(ckpt, source=f'{src}/ckpt.pt'), dequantize=dequantize)
+    config = dict(ckpt['config'], vision_mode='full', llm_mode='full', merged_from=src)
+    save_checkpoint({'model': model.state_dict(), 'model_config': ckpt['model_config'],
+                     'tokenizer': ckpt['tokenizer'], 'config': config}, os.path.join(dst, 'ckpt.pt'))
+    print(f'merged {src}/ckpt.pt into full weights: {dst}/ckpt.pt')
+
+
+if __name__ == '__main__':
+    args = [a for a in sys.argv[1:] if not a.startswith('--')]
+    if len(args) != 3 or args[0] != 'merge' or set(sys.argv[1:]) - set(args) - {'--dequantize'}:
+        raise SystemExit('usage: python checkpoint.py merge <out_dir> <new_out_dir> [--dequantize]')
+    merge_run(args[1], args[2], '--dequantize' in sys.argv)

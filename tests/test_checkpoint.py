@@ -1,0 +1,48 @@
+"""checkpoint.py: the spec train_vlm.py builds its model from, and the parts of earlier runs (llm=, vision=)."""
+import pytest
+import torch
+
+from checkpoint import ModelSpec, load_vision
+from configurator import script_defaults
+from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, VisionTower
+
+
+def test_model_spec_holds_train_vlm_keys_and_defaults():
+    """A renamed or re-defaulted key of train_vlm.py fails here, not in a run: every ModelSpec field is a key of
+    the script with the same default."""
+    script = script_defaults('train_vlm.py')
+    spec = ModelSpec()
+    for name, value in vars(spec).items():
+        if name == 'lora_targets':  # the script's default is lora.DEFAULT_TARGETS by name, as the spec's
+            from lora import DEFAULT_TARGETS
+            assert value == DEFAULT_TARGETS and 'lora_targets' in open('train_vlm.py').read()
+            continue
+        assert name in script, f'ModelSpec.{name} is not a key of train_vlm.py'
+        assert script[name] == value, (name, script[name], value)
+    assert ModelSpec.from_config(dict(script, llm_mode='lora', batch_size=7)).llm_mode == 'lora'
+
+
+def test_vision_layer_cuts_a_run_tower_at_that_block(tmp_path):
+    """vision_layer=-2 on a stage-1 run: the penultimate block's raw output (LLaVA's choice), built without the
+    blocks after it; -1 is the tower as trained; a layer the tower does not have is a one-line error."""
+    torch.manual_seed(0)
+    cfg = SigLIPConfig(vision=ViTConfig(image_size=16, patch_size=4, n_layer=3, n_head=2, n_embd=16),
+                       text=TextConfig(vocab_size=20, max_len=8, n_layer=1, n_head=2, n_embd=16), embed_dim=8)
+    stage1 = SigLIP(cfg)
+    torch.save({'model': stage1.state_dict(), 'model_config': cfg.to_dict()}, tmp_path / 'ckpt.pt')
+    images = torch.randint(0, 256, (2, 16, 16, 3), dtype=torch.uint8)
+    t = stage1.vision_tower.eval()
+    with torch.no_grad():
+        x = t.patch_embed(t.pixels(images)).flatten(2).transpose(1, 2) + t.pos_embed
+        penultimate = t.blocks[1](t.blocks[0](x))
+        last = t(images)
+    for layer, want, n in ((-2, penultimate, 2), (2, penultimate, 2), (-1, last, 3)):
+        vcfg, weights = load_vision(str(tmp_path), layer, False)
+        assert vcfg.n_layer == n and vcfg.post_norm == (n == 3)
+        tower = VisionTower(vcfg)
+        tower.load_state_dict(weights)  # strict: exactly the weights of the blocks kept
+        with torch.no_grad():
+            torch.testing.assert_close(tower.eval()(images), want)
+    for layer in (-4, 4):
+        with pytest.raises(SystemExit, match=f'vision_layer={layer} but .* has 3 blocks'):
+            load_vision(str(tmp_path), layer, False)

@@ -1,0 +1,217 @@
+"""
+Tokenizers: what turns a conversation into token ids, behind one chat-encoding interface
+
+    encode(text), decode(ids), encode_chat(turns, num_image_tokens, add_generation_prompt) -> (ids, supervised),
+    pad_id, eot_id, image_token_id, vocab_size, state()
+
+    Tokenizer     glimpse's own: a word vocabulary of the training texts, or the 256 bytes of UTF-8
+    HFTokenizer   a pretrained LLM's tokenizer and chat template, with '<image>' added
+    HFProcessor   a whole Hugging Face VLM's processor (its chat template expands images into its own tokens)
+
+state() is plain data that a checkpoint stores (weights_only loading); checkpoint.tokenizer_from_state
+rebuilds any of them. Nothing here imports transformers: the Hugging Face objects are handed in.
+"""
+import base64
+import os
+import re
+import tempfile
+
+from errors import GlimpseError
+
+
+class Tokenizer:
+    """'word': a vocabulary of the words in the training texts (lower-cased, punctuation split off).
+    'byte': the 256 bytes of UTF-8. Both put the special tokens first.
+    Chat template: <bos> then for each turn <|user|> or <|assistant|>, its text, <|end|>."""
+    SPECIALS = ('<pad>', '<bos>', '<|end|>', '<|user|>', '<|assistant|>', '<image>', '<unk>')
+    WORD_RE = re.compile(r"<image>|[a-z0-9]+|[^\sa-z0-9]")
+
+    def __init__(self, kind='word', words=()):
+        if kind not in ('word', 'byte'):
+            raise GlimpseError(f"config error: --tokenizer={kind!r}: use 'word' or 'byte'")
+        self.kind = kind
+        self.words = list(words)
+        self.itos = list(self.SPECIALS) + (self.words if kind == 'word' else [bytes([b]) for b in range(256)])
+        self.stoi = {s: i for i, s in enumerate(self.itos) if isinstance(s, str)}
+        self.pad_id, self.bos_id, self.eot_id, self.user_id, self.assistant_id, self.image_token_id, self.unk_id = \
+            range(len(self.SPECIALS))
+        self.vocab_size = len(self.itos)
+
+    @classmethod
+    def build(cls, kind, texts):
+        words = sorted({w for t in texts for w in cls.WORD_RE.findall(t.lower())} - set(cls.SPECIALS))
+        return cls(kind, words if kind == 'word' else ())
+
+    def state(self):
+        return {'kind': self.kind, 'words': self.words}
+
+    def encode(self, text):
+        if self.kind == 'word':
+            return [self.stoi.get(w, self.unk_id) for w in self.WORD_RE.findall(text.lower())]
+        out = []
+        for i, part in enumerate(text.split('<image>')):
+            out += ([self.image_token_id] if i else []) + [len(self.SPECIALS) + b for b in part.encode()]
+        return out
+
+    def decode(self, ids):
+        if self.kind == 'byte':
+            raw = b''.join(self.itos[i] for i in ids if i >= len(self.SPECIALS))
+            return raw.decode('utf-8', errors='replace')
+        text = ' '.join(self.itos[i] for i in ids if i >= len(self.SPECIALS) or i == self.unk_id)
+        return re.sub(r" ([.,?!;:])", r"\1", text)
+
+    def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False):
+        """Turns [{'role', 'content'}] -> (ids, supervised): built segment by segment with a parallel
+        mask, so the supervised tokens are exactly the assistant texts and their <|end|>. Each
+        '<image>' becomes num_image_tokens placeholders."""
+        ids, sup = [self.bos_id], [False]
+        for turn in turns:
+            assistant = turn['role'] == 'assistant'
+            body = []
+            for t in self.encode(turn['content']):
+                body += [t] * (num_image_tokens if t == self.image_token_id else 1)
+            ids += [self.assistant_id if assistant else self.user_id] + body + [self.eot_id]
+            sup += [False] + [assistant] * (len(body) + 1)
+        if add_generation_prompt:
+            ids.append(self.assistant_id)
+            sup.append(False)
+        return ids, sup
+
+
+# A chat template for models without one (GPT-2): "User: ...\nAssistant: ...<eos>\n"
+PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}"
+                       "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
+                       "{% if add_generation_prompt %}Assistant:{% endif %}")
+
+
+class HFTokenizer:
+    """A pretrained model's own tokenizer behind the interface of Tokenizer, with '<image>' added as a special
+    token. Conversations follow the model's chat template (PLAIN_CHAT_TEMPLATE if it has none); they are
+    rendered turn by turn and encoded piece by piece, so the supervised flags mark exactly the assistant
+    answers and the end-of-turn token the template puts after them, which is also the generation stop token.
+    glimpse pads itself (right for training, left for generation, always masked), so a model without a pad
+    token pads with the end-of-turn token."""
+    IMAGE = '<image>'
+
+    def __init__(self, hf_tokenizer):
+        self.tok = hf_tokenizer
+        if not self.tok.chat_template:
+            self.tok.chat_template = PLAIN_CHAT_TEMPLATE
+        self.added_image_token = self.IMAGE not in self.tok.get_vocab()
+        if self.added_image_token:
+            self.tok.add_tokens([self.IMAGE], special_tokens=True)
+        self.image_token_id = self.tok.convert_tokens_to_ids(self.IMAGE)
+        self.vocab_size = len(self.tok)
+        self.eot_id = self._end_of_turn()
+        self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eot_id
+
+    def _render(self, turns, add_generation_prompt):
+        return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _end_of_turn(self):
+        """The first special token the template writes after an assistant answer (<|im_end|>, <end_of_turn>...)."""
+        text = self._render([{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'PROBE'}], False)
+        special = set(self.tok.all_special_ids) | {i for i, t in self.tok.added_tokens_decoder.items() if t.special}
+        for i in self.encode(text[text.rindex('PROBE') + len('PROBE'):]):
+            if i in special:
+                return i
+        raise GlimpseError(f'tokenizer error: the chat template of {self.tok.name_or_path} puts no special token after an assistant '
+                         f'answer, so there is nothing to stop generation at')
+
+    def encode(self, text):
+        return self.tok.encode(text, add_special_tokens=False)  # the template writes any <bos> itself
+
+    def decode(self, ids):
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False):
+        """As Tokenizer.encode_chat: (ids, supervised). Each turn is the text its rendering adds to the
+        rendering of the turns before it; an assistant turn splits into the generation prompt, then the
+        answer and the end-of-turn token (supervised), then what follows (a newline)."""
+        ids, sup, done = [], [], ''
+
+        def add(text, supervised):
+            for t in self.encode(text):
+                n = num_image_tokens if t == self.image_token_id else 1
+                ids.extend([t] * n)
+                sup.extend([supervised] * n)
+
+        for k in range(len(turns) + add_generation_prompt):
+            text = self._render(turns[:k + 1], k == len(turns))
+            if not text.startswith(done):
+                raise GlimpseError(f'tokenizer error: the chat template of {self.tok.name_or_path} renders turn {k} differently once '
+                                 f'more turns follow, so glimpse cannot encode conversations turn by turn')
+            piece = text[len(done):]
+            if k < len(turns) and turns[k]['role'] == 'assistant':
+                header = self._render(turns[:k], True)[len(done):]
+                if not piece.startswith(header):
+                    raise GlimpseError(f'tokenizer error: the chat template of {self.tok.name_or_path} does not start an assistant '
+                                     f'turn with its generation prompt {header!r}')
+                add(header, False)
+                body = self.encode(piece[len(header):])
+                if self.eot_id not in body:
+                    raise GlimpseError(f'tokenizer error: the chat template of {self.tok.name_or_path} ends assistant turn {k} without '
+                                     f'the end-of-turn token {self.tok.convert_ids_to_tokens(self.eot_id)!r}')
+                end = body.index(self.eot_id) + 1
+                ids.extend(body)
+                sup.extend([True] * end + [False] * (len(body) - end))
+            else:
+                add(piece, False)
+            done = text
+        return ids, sup
+
+    def state(self):
+        """The tokenizer's files (base64 strings), so a checkpoint is self-contained and loads with weights_only."""
+        with tempfile.TemporaryDirectory() as d:
+            self.tok.save_pretrained(d)
+            files = {}
+            for name in os.listdir(d):
+                with open(os.path.join(d, name), 'rb') as f:
+                    files[name] = base64.b64encode(f.read()).decode()
+        return {'kind': 'hf', 'files': files}
+
+
+class HFProcessor:
+    """A Hugging Face VLM's processor behind the parts of the Tokenizer interface the training scripts use.
+    Conversations are rendered by the model's own chat template and images expanded into image tokens by
+    the processor, as the model was trained (data.hf_collate builds the batches)."""
+
+    def __init__(self, processor, source):
+        self.processor, self.tokenizer, self.source = processor, processor.tokenizer, source
+        if not getattr(processor, 'chat_template', None):
+            raise GlimpseError(f'pretrained error: the processor of {source} has no chat template; glimpse renders '
+                             f'conversations with the model\'s own one (use an instruction-tuned model)')
+        if not self.tokenizer.is_fast:  # the answer tokens are found through character offsets
+            raise GlimpseError(f'pretrained error: {source} has no fast tokenizer (tokenizer.json); hf_vlm needs one')
+        self.image_token = getattr(processor, 'image_token', None)  # what its chat template writes for an image
+        if self.image_token is None:
+            raise GlimpseError(f'pretrained error: the processor of {source} names no image token; hf_vlm needs an '
+                             f'image-text-to-text processor (SmolVLM, Idefics3, Qwen2-VL...)')
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.vocab_size = len(self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \
+            self.tokenizer.eos_token_id
+
+    @staticmethod
+    def messages(turns):
+        """glimpse turns ('<image>' marks where the sample's one image goes) -> chat-template messages.
+        The image stays in the first user turn even when the marker is missing (a bare question)."""
+        out, placed = [], False
+        for t in turns:
+            text = t['content']
+            if t['role'] == 'user' and not placed:
+                before, _, after = text.partition('<image>') if '<image>' in text else ('', '', text)
+                content = [{'type': 'text', 'text': before.strip()}] if before.strip() else []
+                content += [{'type': 'image'}, {'type': 'text', 'text': after.strip()}]
+                placed = True
+            else:
+                content = [{'type': 'text', 'text': text.replace('<image>', '').strip()}]
+            out.append({'role': t['role'], 'content': content})
+        return out
+
+    def render(self, messages, add_generation_prompt=False):
+        return self.processor.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                  tokenize=False)
+
+    def state(self):
+        return {'kind': 'hf_processor', 'source': self.source}  # the base model's processor: nothing to store
