@@ -1,10 +1,8 @@
-# Seed 000, stage 1: a CIFAR-10 image tower trained with the sigmoid loss against a frozen LLM's text
-# features (seed 000 used Phi-2 and a ResNet-50; the ViT here is what train_vlm.py can load), on five
-# VLM-written descriptions per image (classify.py --mode=label writes them):
+# Seed 000, stage 1: a CIFAR-10 ViT trained with the sigmoid loss against frozen Phi-2 text features, on five
+# VLM-written descriptions per image (classify.py --mode=label writes them); --image_tower=resnet50 trains seed
+# 000's ResNet-50 instead (retrieval and zero-shot only: the VLM takes ViT towers). Then config/cifar10_vlm.py.
 #   python prepare_data.py cifar10 --root cifar-10-batches-py --descriptions descriptions.csv --out_dir data/cifar10
 #   python train_siglip.py config/cifar10_siglip.py
-# then stage 2: config/cifar10_vlm.py. --image_tower=resnet50 trains seed 000's ResNet-50 instead (for
-# retrieval and zero-shot only: the VLM takes ViT towers).
 out_dir = 'out/cifar10_siglip'
 data_dir = 'data/cifar10'
 image_tower = 'vit'

@@ -1,10 +1,9 @@
 # Seed 003 (Prismatic), stage 1 "align": SigLIP@384 and Phi-2 both frozen, only the MLP projector trains,
-# on the LLaVA-1.5 pretraining captions (558k).
+# on the LLaVA-1.5 pretraining captions (558k); then config/llava_finetune.py.
 #   python prepare_data.py llava --json blip_laion_cc_sbu_558k.json --images llava_pretrain/images \
 #       --image_size 384 --shards --out_dir data/llava_558k
 #   torchrun --standalone --nproc_per_node=8 train_vlm.py config/llava_align.py
-# then config/llava_finetune.py. Weights: google/siglip-so400m-patch14-384 and microsoft/phi-2 (Hugging Face
-# cache or local directories via --vision=... --llm=...).
+# Weights: google/siglip-so400m-patch14-384, microsoft/phi-2 (Hugging Face cache, or --vision=... --llm=... dirs).
 out_dir = 'out/llava_align'
 data_dir = 'data/llava_558k'
 num_workers = 4

@@ -3,9 +3,7 @@
 #   python prepare_data.py llava --json llava_v1_5_mix665k.json --images llava_finetune_images \
 #       --image_size 384 --shards --out_dir data/llava_665k
 #   torchrun --standalone --nproc_per_node=8 train_vlm.py config/llava_finetune.py
-# Single-stage variant (no align run; Prismatic found it as good for about a fifth less compute):
-#   torchrun --standalone --nproc_per_node=8 train_vlm.py config/llava_finetune.py --init_from=scratch \
-#       --out_dir=out/llava_single_stage
+# Single stage, no align run (Prismatic: as good for about a fifth less compute): --init_from=scratch --out_dir=out/llava_single_stage
 out_dir = 'out/llava_finetune'
 data_dir = 'data/llava_665k'
 init_from = 'out/llava_align'  # the align stage's projector (and the same frozen towers)

@@ -1,17 +1,9 @@
-# Seed 001: a Hugging Face VLM (SmolVLM-256M-Instruct; the seed recommends SmolVLM-500M-Instruct) fine-tuned
-# with LoRA as a Mars-terrain classifier on Mirali33/mb-domars16k (15 landform classes, answered by their
-# three-letter codes), with the seed's expert instruction as the prompt (config/mars_prompt.txt):
-#   python prepare_data.py hf --dataset Mirali33/mb-domars16k --out_dir data/mars --image_size 224 \
-#       --class_names ael,aec,cli,rid,fsf,sfe,fsg,fse,fss,cra,sfx,mix,rou,smo,tex   # the seed's names, in label order
+# Seed 001: SmolVLM-256M-Instruct (hf_vlm; the seed recommends SmolVLM-500M-Instruct) + LoRA as a Mars-terrain classifier
+# on Mirali33/mb-domars16k: 15 classes answered by three-letter codes (no captions, so no "Reasoning:"), config/mars_prompt.txt.
+#   python prepare_data.py hf --dataset Mirali33/mb-domars16k --out_dir data/mars --image_size 224 --class_names ael,aec,cli,rid,fsf,sfe,fsg,fse,fss,cra,sfx,mix,rou,smo,tex
 #   python classify.py --mode=convert --data_dir=data/mars --convert_dir=data/mars_cls --template=@config/mars_prompt.txt
-#   python train_vlm.py config/mars.py
-#   python classify.py --out_dir=out/mars --data_dir=data/mars --template=@config/mars_prompt.txt --batch_size=8
-# The last one reports test accuracy, per-class precision and recall and the confusion matrix (score mode;
-# --mode=generate parses what the model writes). mb-domars16k has no descriptions, so the answers are the
-# codes alone (the seed's "Reasoning: ... Answer: ..." needs a caption per image: classify.py --reasoning=True).
-# Nothing is downloaded: on a connected machine run once `hf download HuggingFaceTB/SmolVLM-256M-Instruct`
-# (the cache is ~/.cache/huggingface; or set hf_vlm to a local directory), and make data/mars there (or
-# datasets.load_dataset('Mirali33/mb-domars16k').save_to_disk(...) and give that folder to --dataset).
+#   python train_vlm.py config/mars.py   (once, online: hf download HuggingFaceTB/SmolVLM-256M-Instruct; --dataset takes a save_to_disk dir)
+#   python classify.py --out_dir=out/mars --data_dir=data/mars --template=@config/mars_prompt.txt --batch_size=8   # test accuracy, confusion
 out_dir = 'out/mars'
 data_dir = 'data/mars_cls'
 hf_vlm = 'HuggingFaceTB/SmolVLM-256M-Instruct'

@@ -1,15 +1,13 @@
 # The default recipe: a tiny VLM learns the synthetic shapes scenes from scratch on a laptop CPU.
 #   python prepare_data.py shapes && python train_vlm.py config/shapes.py
-# 28.6 minutes of training on a 2-core CPU (AVX512-BF16), 93.6% on the test questions; the README has
+# 28.6 minutes of training on a 2-core CPU (AVX512-BF16), 93.6% on the test questions; docs/LOG.md has
 # the learning curve.
 out_dir = 'out/shapes'
 data_dir = 'data/shapes'
 # Each question-answer pair (and the caption) of an image is its own single-turn sample: it sees the
 # image, never an earlier answer. The image is encoded once for all of them.
 isolate_turns = True
-# Each 8x8 patch embedding also sees 4 pixels of its neighbours, so an object cut by a patch border
-# is still seen whole by some patch: shapes are learned sooner (test accuracy after 30.7 minutes of the
-# earlier uncompiled 3600-iteration recipe: 90.6% against 87.8% without).
+# Each 8x8 patch embedding also sees 4 pixels of its neighbours: shapes are learned sooner (docs/LOG.md)
 patch_overlap = 4
 batch_size = 32
 max_iters = 4000
@@ -18,6 +16,5 @@ min_lr = 1e-4
 warmup_iters = 100
 eval_interval = 300
 eval_questions = 500
-# torch.compile: about 10-30% more steps per second on this CPU (74-89 against 68 images/s) for a
-# minute of compilation at the start, which counts as training time.
+# torch.compile: more steps per second for a minute of compilation, counted as training time (docs/LOG.md)
 compile = True
