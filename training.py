@@ -216,8 +216,8 @@ class MetricsLogger:
             return
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
-        for k, v in (scalars or {}).items():
-            if self.tb:
+        if self.tb:
+            for k, v in (scalars or {}).items():
                 self.tb.add_scalar(k, v, record['iter'])
         if self.wandb and scalars:
             self.wandb.log(scalars, step=record['iter'])
