@@ -42,7 +42,7 @@ from configurator import apply_config
 from data import IMAGE_EXTS, VLMDataset, image_pixels, open_image
 from model import cut_at, left_pad
 from tokenizer import HFProcessor
-from training import autocast_context, pick_device, pick_dtype
+from training import autocast_context, parse_answer, pick_device, pick_dtype
 
 # what to classify
 out_dir = 'out/shapes'  # a glimpse run: out_dir/ckpt.pt
@@ -81,7 +81,6 @@ if __name__ == '__main__':
     config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
-ARTICLES = ('a', 'an', 'the')
 REASONING_SUFFIX = ' answer in the form "Reasoning: <why> Answer: <class>".'
 
 
@@ -112,29 +111,6 @@ def build_prompt(class_names, template, reasoning=False):
     return text + (REASONING_SUFFIX if reasoning else '')
 
 
-def _words(text):
-    return re.findall(r'[a-z0-9]+', text.lower())
-
-
-def parse_answer(text, class_names, aliases=None):
-    """The class a generated answer names, or None. Case and punctuation are ignored; names match
-    whole words only ('cat' is not in 'category'); the text after the last 'Answer:' is read when
-    there is one, and there the first name wins; without one, the answer must name exactly one class.
-    An article ('a', 'an', 'the') is a name only when it is the whole answer (multiple choice 'A')."""
-    names = {' '.join(_words(c)): c for c in class_names}
-    names.update({' '.join(_words(a)): c for a, c in (aliases or {}).items()})
-    names.pop('', None)
-    marked = [m.end() for m in re.finditer(r'answer\s*:', text, re.IGNORECASE)]
-    body = ' '.join(_words(text[marked[-1]:] if marked else text))
-    if body not in ARTICLES:
-        body = ' '.join(w for w in body.split() if w not in ARTICLES)
-    pattern = '|'.join(re.escape(n) for n in sorted(names, key=len, reverse=True))  # longest name first
-    found = [names[m.group(1)] for m in re.finditer(rf'(?<![a-z0-9])({pattern})(?![a-z0-9])', body)]
-    if not found:
-        return None
-    if marked or len(set(found)) == 1:
-        return found[0]
-    return None  # names two classes and says which is the answer nowhere
 
 
 # -----------------------------------------------------------------------------

@@ -292,19 +292,35 @@ def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
     isolate_turns=True: each (user, assistant) pair becomes its own single-turn conversation about
     the image. They share one prefix, which ends with the image tokens (segment 0, computed once);
     pair k is segment k, sees only the prefix and itself, and has the positions it would have alone.
-    So an answer can only come from the image, never from an earlier answer, exactly as at test time."""
+    So an answer can only come from the image, never from an earlier answer, exactly as at test time.
+    Leading system turns and the first turn's text up to its '<image>' are part of every pair (and so of
+    the shared prefix)."""
     if not isolate_turns:
         ids, sup = tokenizer.encode_chat(turns, num_image_tokens)
         return ids, sup, list(range(len(ids))), [0] * len(ids)
+    n_sys = next((i for i, t in enumerate(turns) if t['role'] != 'system'), len(turns))
+    head, turns = turns[:n_sys], turns[n_sys:]
+    first = turns[0]['content'] if turns else ''
+    lead = first[:first.index('<image>') + len('<image>')] if '<image>' in first else ''
     ids = sup = pos = seg = None
     for k in range(0, len(turns) - 1, 2):
-        q = turns[k]['content'] if k == 0 else '<image>\n' + turns[k]['content']
-        one, one_sup = tokenizer.encode_chat([{'role': 'user', 'content': q}, turns[k + 1]], num_image_tokens)
+        if (turns[k]['role'], turns[k + 1]['role']) != ('user', 'assistant'):
+            raise GlimpseError(f"data error: isolate_turns=True needs user and assistant turns in turn (after any "
+                               f"system turns); turn {n_sys + k} is {turns[k]['role']!r}, the next "
+                               f"{turns[k + 1]['role']!r}")
+        q = first if k == 0 else (lead + '\n' if lead else '') + turns[k]['content']
+        one, one_sup = tokenizer.encode_chat(head + [{'role': 'user', 'content': q}, turns[k + 1]], num_image_tokens)
         p = max((i + 1 for i, t in enumerate(one) if t == tokenizer.image_token_id), default=0)  # 0: bridge
         if ids is None:
             ids, sup, pos, seg = one[:p], one_sup[:p], list(range(p)), [0] * p
+        elif one[:p] != ids[:p]:
+            raise GlimpseError('data error: isolate_turns=True: the question-answer pairs of a conversation do not '
+                               'share the prefix up to the image (a chat template that changes it?); train with '
+                               'isolate_turns=False')
         ids, sup = ids + one[p:], sup + one_sup[p:]
         pos, seg = pos + list(range(p, len(one))), seg + [k // 2 + 1] * (len(one) - p)
+    if ids is None:
+        raise GlimpseError('data error: a conversation without a user question and an assistant answer to train on')
     return ids, sup, pos, seg
 
 
@@ -313,10 +329,10 @@ def encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns=Fal
     turn pairs are dropped; if the first pair alone is still too long, its tail is cut (the image is
     always kept whole; max_seq_len below the image tokens is a config error). targets[t] is the next
     token where that token is supervised, else IGNORE_INDEX. truncated is 0 when nothing was cut."""
-    truncated = 0
+    truncated, n_sys = 0, next((i for i, t in enumerate(turns) if t['role'] != 'system'), len(turns))
     while True:
         ids, sup, pos, seg = pack_turns(tokenizer, turns, num_image_tokens, isolate_turns)
-        if len(ids) <= max_len or len(turns) <= 2:
+        if len(ids) <= max_len or len(turns) - n_sys <= 2:
             break
         turns, truncated = turns[:-2], truncated + 2
     if len(ids) > max_len:

@@ -256,7 +256,7 @@ def build_connector(cfg: ConnectorConfig):
         return MLPProjector(cfg.in_dim, cfg.out_dim)
     if cfg.kind == 'pixel_shuffle':
         return PixelShuffleProjector(cfg.in_dim, cfg.out_dim, cfg.scale_factor)
-    raise ValueError(f"unknown connector '{cfg.kind}': use 'mlp' or 'pixel_shuffle'")
+    raise ValueError(f"unknown connector '{cfg.kind}': use 'mlp', 'pixel_shuffle' or 'bridge'")
 
 
 # -----------------------------------------------------------------------------

@@ -724,7 +724,7 @@ def main(argv=None):
 
     common = argparse.ArgumentParser(add_help=False)  # the flags every real source shares
     common.add_argument('--out_dir', help='default: data/<source>')
-    common.add_argument('--image_size', type=int, default=224, help='square side in pixels (cifar10: 32)')
+    common.add_argument('--image_size', type=int, help='square side in pixels (default 224; cifar10: 32)')
     common.add_argument('--resize', choices=('crop', 'pad'), default='crop',
                         help='crop: center square of the short side; pad: whole image on black')
     common.add_argument('--val_fraction', type=float, default=0.05)
@@ -760,8 +760,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.source == 'shapes':
         return prepare_shapes(a)
-    if a.source == 'cifar10' and '--image_size' not in (argv or []):
-        a.image_size = 32
+    if a.image_size is None:  # given in either form (--image_size 64, --image_size=64), it is kept
+        a.image_size = 32 if a.source == 'cifar10' else 224
     a.out_dir = a.out_dir or os.path.join('data', a.source)
     for name in ('val_fraction', 'test_fraction'):
         if not 0 <= getattr(a, name) < 1:

@@ -26,8 +26,8 @@ from data import DataOrder, VLMDataset
 from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, siglip_loss
 from pretrained import FrozenTextEncoder
 from tokenizer import Tokenizer
-from training import (MetricsLogger, finish_distributed, lr_at, make_optimizer, optimizer_step, precision, set_lr,
-                      setup_training)
+from training import (MetricsLogger, checkpoint_due, finish_distributed, lr_at, make_optimizer, optimizer_step,
+                      precision, rng_states_of_all_ranks, set_lr, set_rng_state, setup_training)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -76,6 +76,7 @@ grad_clip = 1.0
 # evaluation (recall and zero-shot accuracy) and logging
 eval_interval = 250
 eval_samples = 500  # val images for recall and zero-shot accuracy (0 = all)
+checkpoint_minutes = 30.0  # also write ckpt.pt once this much training has passed since the last one (0 = at evals only)
 log_interval = 10
 wandb_log = False
 wandb_project = 'glimpse'
@@ -231,18 +232,22 @@ if master:
 lr_scales = {'text_tower': text_lr / learning_rate} if text_lr else None  # the heads keep learning_rate
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, lr_scales=lr_scales)
 order = DataOrder(len(train_recs), seed)
-iter_num, train_time = 0, 0.0
+iter_num, train_time, rng = 0, 0.0, None  # rng: every rank's generators when the checkpoint was written
 if ckpt:
     optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt.get('scaler', {}))
     iter_num, train_time = ckpt['iter_num'], ckpt['train_time']
     order = DataOrder(len(train_recs), seed, **ckpt['data_order'])
-    torch.set_rng_state(ckpt['rng'].cpu())
+    rng = ckpt['rng']
     ckpt = None
+saved_at = train_time  # training seconds at the last checkpoint (checkpoint_minutes)
 if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 logger = MetricsLogger(out_dir, master, iter_num == 0, wandb_log, wandb_project, wandb_run_name, config)
+if rng is not None:  # every generator as the checkpoint left it, once start-up is done
+    set_rng_state(rng[min(rank, len(rng) - 1)] if isinstance(rng, list) else rng)
 
 
 @torch.no_grad()
@@ -288,10 +293,10 @@ def evaluate():
     return out
 
 
-def save(path):
-    save_checkpoint({'model': raw_state_dict(model), 'optimizer': optimizer.state_dict(),
+def save(path, rngs):
+    save_checkpoint({'model': raw_state_dict(model), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                      'model_config': model_cfg.to_dict(), 'config': config, 'iter_num': iter_num,
-                     'data_order': order.state(), 'train_time': train_time, 'rng': torch.get_rng_state()}, path)
+                     'data_order': order.state(), 'train_time': train_time, 'rng': rngs}, path)
 
 
 # -----------------------------------------------------------------------------
@@ -300,7 +305,15 @@ while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
     set_lr(optimizer, lr)
 
-    if master and (iter_num % eval_interval == 0 or iter_num == max_iters):
+    evaluating = iter_num % eval_interval == 0 or iter_num == max_iters
+    timed = not evaluating and iter_num % log_interval == 0 and \
+        checkpoint_due(train_time - saved_at, checkpoint_minutes, master, ddp, device)  # a long eval_interval
+    rngs = rng_states_of_all_ranks(ddp, world_size) if evaluating or timed else None  # evaluation draws none
+    if master and timed:
+        save(os.path.join(out_dir, 'ckpt.pt'), rngs)
+        print(f'saved {out_dir}/ckpt.pt after {checkpoint_minutes:g} min of training')
+    saved_at = train_time if timed else saved_at
+    if master and evaluating:
         m = evaluate()
         print(f'eval iter {iter_num}: val loss {m["val_loss"]:.4f}, on {len(val_recs)} val images: image->text '
               f'R@1 {m["i2t_r1"]:.1%} R@5 {m["i2t_r5"]:.1%}, text->image R@1 {m["t2i_r1"]:.1%} R@5 {m["t2i_r5"]:.1%}' +
@@ -308,8 +321,9 @@ while True:
               f' (t {raw_model.log_t.exp().item():.1f}, b {raw_model.bias.item():.1f}; {train_time / 60:.1f} min trained)')
         logger.log({'iter': iter_num, 'train_minutes': train_time / 60, **m}, {f'val/{k}': v for k, v in m.items()})
         if iter_num > 0:
-            save(os.path.join(out_dir, 'ckpt.pt'))
+            save(os.path.join(out_dir, 'ckpt.pt'), rngs)
             print(f'saved {out_dir}/ckpt.pt')
+            saved_at = train_time
     if iter_num >= max_iters:
         break
     t_step = time.perf_counter()

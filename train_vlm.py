@@ -23,8 +23,9 @@ from configurator import apply_config
 from data import DataOrder, VLMDataset, step_batches
 from lora import DEFAULT_TARGETS
 from model import IGNORE_INDEX, training_flops_per_sample
-from training import (MetricsLogger, caption_scores, finish_distributed, lr_at, make_optimizer,
-                      measure_peak_flops, optimizer_step, precision, qa_accuracy, set_lr, setup_training, val_loss)
+from training import (MetricsLogger, caption_scores, checkpoint_due, finish_distributed, lr_at, make_optimizer,
+                      measure_peak_flops, optimizer_step, precision, qa_accuracy, rng_states_of_all_ranks, set_lr,
+                      set_rng_state, setup_training, val_loss)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -104,6 +105,7 @@ test_at_end = True  # answer the test-split questions when training ends
 test_questions = 0  # how many of them (0 = all)
 eval_captions = 0  # val images captioned at each eval and scored with BLEU-4 and CIDEr-D (caption datasets)
 early_stop_patience = 0  # stop after this many evals without a lower val loss (0 = never stop early)
+checkpoint_minutes = 30.0  # also write ckpt.pt once this much training has passed since the last one (0 = at evals only)
 log_interval = 10
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = measure a large matmul at start
 wandb_log = False
@@ -150,13 +152,15 @@ optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), d
 order = DataOrder(len(train_set), seed)
 iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
 evals_since_best = 0  # for early stopping
+resume_rng = None  # every rank's generators when the checkpoint was written, restored once start-up is done
 if ckpt:
     optimizer.load_state_dict(ckpt['optimizer'])
+    scaler.load_state_dict(ckpt.get('scaler', {}))  # fp16's loss scale (older checkpoints have none)
     iter_num, best_val, evals_since_best = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['evals_since_best']
     order = DataOrder(len(train_set), seed, **ckpt['data_order'])
-    train_time = ckpt['train_time']
-    torch.set_rng_state(ckpt['rng'].cpu())
+    train_time, resume_rng = ckpt['train_time'], ckpt['rng']
 evaluated = iter_num if ckpt else -1  # a checkpoint is written just after an eval: not again on resuming
+saved_at = train_time  # training seconds at the last checkpoint (checkpoint_minutes)
 ckpt = None
 if compile:
     model = torch.compile(model)
@@ -176,20 +180,22 @@ def evaluate():
     return loss, acc, n, captions
 
 
-def save(path):
+def save(path, rngs):
     # a run that trains only some parts saves those, and how to rebuild (and check) the base
     partial = {'base': base} if base else {}
     save_checkpoint({'model': trained_state_dict(raw_model) if base else raw_state_dict(model), **partial,
-                     'optimizer': optimizer.state_dict(),
+                     'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                      'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(), 'config': config,
                      'iter_num': iter_num, 'best_val_loss': best_val, 'evals_since_best': evals_since_best,
-                     'data_order': order.state(), 'train_time': train_time, 'rng': torch.get_rng_state()}, path)
+                     'data_order': order.state(), 'train_time': train_time, 'rng': rngs}, path)
 
 
 # -----------------------------------------------------------------------------
 stats = Counter()
 loader = step_batches(train_set, order, batch_size, grad_accum, world_size, rank, (tok, n_img, max_seq_len, isolate_turns),
                       num_workers)
+if resume_rng is not None:  # after all start-up work that draws (model init, the loader workers' seeds)
+    set_rng_state(resume_rng[min(rank, len(resume_rng) - 1)] if isinstance(resume_rng, list) else resume_rng)
 dt_window = 0.0
 tokens_text = tokens_img = images_seen = 0
 flops_done = 0.0
@@ -198,7 +204,18 @@ while True:
     set_lr(optimizer, lr)
 
     stop = iter_num >= max_iters
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and iter_num != evaluated:
+    evaluating = (iter_num % eval_interval == 0 or stop) and iter_num != evaluated
+    # between evals, a checkpoint once checkpoint_minutes of training have passed since the last (checked as logged)
+    timed = not evaluating and iter_num % log_interval == 0 and \
+        checkpoint_due(train_time - saved_at, checkpoint_minutes, master, ddp, device)
+    if evaluating or timed:
+        rngs = rng_states_of_all_ranks(ddp, world_size)  # every rank's generators (evaluation draws from none)
+    if timed:
+        if master:
+            save(os.path.join(out_dir, 'ckpt.pt'), rngs)
+            print(f'saved {out_dir}/ckpt.pt ({checkpoint_minutes:g} min of training since the last checkpoint)')
+        saved_at = train_time
+    if evaluating:
         if master:
             loss, acc, n, captions = evaluate()
             print(f'eval iter {iter_num}: val loss {loss:.4f} (perplexity {math.exp(loss):.2f})' +
@@ -213,10 +230,11 @@ while True:
             best_val = min(best_val, loss)
             evals_since_best = 0 if improved else evals_since_best + 1
             if iter_num > 0:
-                save(os.path.join(out_dir, 'ckpt.pt'))  # the latest state, to resume from
+                save(os.path.join(out_dir, 'ckpt.pt'), rngs)  # the latest state, to resume from
                 if improved:
-                    save(os.path.join(out_dir, 'best.pt'))
+                    save(os.path.join(out_dir, 'best.pt'), rngs)
                 print(f'saved {out_dir}/ckpt.pt' + (' and best.pt' if improved else ''))
+                saved_at = train_time
             if early_stop_patience and evals_since_best >= early_stop_patience:
                 print(f'early stop: val loss has not improved on {best_val:.4f} for {evals_since_best} evals')
                 stop = True

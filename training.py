@@ -57,7 +57,8 @@ def pick_dtype(dtype, device_type):
 def precision(device_type, dtype):
     """(amp, scaler): amp() enters autocast_context for dtype; the gradient scaler does loss scaling in fp16
     only (bf16 and fp32 need none, and it is then a pass-through)."""
-    return functools.partial(autocast_context, device_type, dtype), torch.amp.GradScaler(enabled=dtype == 'float16')
+    scaler = torch.amp.GradScaler(device_type, enabled=dtype == 'float16')
+    return functools.partial(autocast_context, device_type, dtype), scaler
 
 
 @contextmanager
@@ -111,7 +112,8 @@ def measure_peak_flops(device, dtype, n=2048, reps=5):
     dt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
     if device.startswith('cpu') and dt == torch.float16:
         dt = torch.float32
-    a, b = torch.randn(n, n, device=device, dtype=dt), torch.randn(n, n, device=device, dtype=dt)
+    g = torch.Generator(device).manual_seed(0)  # its own: the run's generators draw as if it never ran
+    a, b = (torch.randn(n, n, device=device, dtype=dt, generator=g) for _ in range(2))
     times = []
     for i in range(reps + 1):
         if device.startswith('cuda'):
@@ -128,6 +130,45 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def rng_state():
+    """Every generator a training step can draw from (dropout, sampling): torch's on the CPU and on each CUDA
+    device, numpy's and Python's, as plain tensors and numbers (a checkpoint loads with weights_only)."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            'numpy': [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            'python': random.getstate()}
+
+
+def set_rng_state(state):
+    """Restore rng_state(); an older checkpoint's state is torch's CPU generator alone."""
+    if isinstance(state, torch.Tensor):
+        return torch.set_rng_state(state.cpu())
+    torch.set_rng_state(state['torch'].cpu())
+    if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+    keys, pos, has_gauss, cached = state['numpy']
+    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
+
+
+def checkpoint_due(trained_seconds, minutes, master, ddp, device):
+    """Whether `minutes` of training have passed since the last checkpoint (minutes 0: never), by the master's
+    clock, which decides for every rank (a collective under DDP: all ranks call it together)."""
+    due = torch.tensor(float(master and minutes > 0 and trained_seconds >= minutes * 60), device=device)
+    if ddp:
+        dist.broadcast(due, 0)
+    return bool(due.item())
+
+
+def rng_states_of_all_ranks(ddp, world_size):
+    """[rng_state() of rank 0, 1, ...], on every rank (a collective: all ranks call it together)."""
+    if not ddp:
+        return [rng_state()]
+    states = [None] * world_size
+    dist.all_gather_object(states, rng_state())
+    return states
 
 
 # -----------------------------------------------------------------------------
@@ -147,16 +188,20 @@ def set_lr(optimizer, lr):
         group['lr'] = lr * group.get('lr_scale', 1.0)
 
 
+# learned positions, class and register tokens: glimpse's ViT's names, and those of SigLIP, CLIP and DINOv2 in transformers
+NO_DECAY = ('pos_embed', 'position_embedding', 'cls_token', 'class_embedding', 'registers', 'register_tokens')
+
+
 def make_optimizer(model, learning_rate, weight_decay, betas, device_type, optimizer='adamw', lr_scales=None):
-    """AdamW over the trainable parameters; weight decay on matrices only (not on norms, biases or learned
-    positions). lr_scales {'llm': 0.1, ...}: a component's learning rate relative to the schedule's
+    """AdamW over the trainable parameters; weight decay on weight matrices only: not on norms and biases, nor on
+    the learned tokens and positions of a tower (NO_DECAY: as timm and DINOv2 train them). lr_scales {'llm': 0.1, ...}: a component's learning rate relative to the schedule's
     (each group keeps its 'lr_scale'). optimizer 'adamw8bit' / 'paged_adamw': bitsandbytes, CUDA only."""
     groups = {}
     for n, p in model.named_parameters():
         if not p.requires_grad:
             continue
         scale = (lr_scales or {}).get(n.split('.')[0], 1.0)
-        decay = p.dim() >= 2 and 'pos_embed' not in n
+        decay = p.dim() >= 2 and not any(k in n for k in NO_DECAY)
         g = groups.setdefault((scale, decay), {'params': [], 'weight_decay': weight_decay if decay else 0.0,
                                                'lr_scale': scale, 'lr': learning_rate * scale})
         g['params'].append(p)
@@ -252,21 +297,62 @@ def normalize_answer(s):
     return ' '.join(s.lower().replace('.', ' ').replace('?', ' ').replace(',', ' ').split())
 
 
+ARTICLES = ('a', 'an', 'the')
+
+
+def _words(text):
+    return re.findall(r'[a-z0-9]+', text.lower())
+
+
+def parse_answer(text, class_names, aliases=None):
+    """The class a generated answer names, or None. Case and punctuation are ignored; names match
+    whole words only ('cat' is not in 'category'); the text after the last 'Answer:' is read when
+    there is one, and there the first name wins; without one, the answer must name exactly one class.
+    An article ('a', 'an', 'the') is a name only when it is the whole answer (multiple choice 'A')."""
+    names = {' '.join(_words(c)): c for c in class_names}
+    names.update({' '.join(_words(a)): c for a, c in (aliases or {}).items()})
+    names.pop('', None)
+    marked = [m.end() for m in re.finditer(r'answer\s*:', text, re.IGNORECASE)]
+    body = ' '.join(_words(text[marked[-1]:] if marked else text))
+    if body not in ARTICLES:
+        body = ' '.join(w for w in body.split() if w not in ARTICLES)
+    pattern = '|'.join(re.escape(n) for n in sorted(names, key=len, reverse=True))  # longest name first
+    found = [names[m.group(1)] for m in re.finditer(rf'(?<![a-z0-9])({pattern})(?![a-z0-9])', body)]
+    if not found:
+        return None
+    if marked or len(set(found)) == 1:
+        return found[0]
+    return None  # names two classes and says which is the answer nowhere
+
+
+def answer_is_right(answer, expected, class_names):
+    """Exact match (case and punctuation aside); an expected 'Reasoning: ... Answer: <class>' (classify.py
+    --mode=convert --reasoning=True) is matched by the class it names, as classify.py's generate mode reads it."""
+    if class_names and re.search(r'answer\s*:', expected, re.IGNORECASE):
+        want = parse_answer(expected, class_names)
+        if want is not None:
+            return parse_answer(answer, class_names) == want
+    return normalize_answer(answer) == normalize_answer(expected)
+
+
 @torch.no_grad()
 def qa_accuracy(model, dataset, tokenizer, device, amp, max_questions=0, batch_size=128):
-    """Exact-match accuracy of greedy answers to the split's held-out questions, each asked alone
-    with its image. Returns {type: accuracy, ..., 'all': accuracy}, and the number asked."""
+    """Accuracy of greedy answers to the split's held-out questions, each asked alone with its image (see
+    answer_is_right), given room for the longest expected answer. Returns {type: accuracy, ..., 'all':
+    accuracy}, and the number asked."""
     items = [(r['image'], x) for r in dataset.records for x in r.get('qa', [])]
     if max_questions:
         items = items[:max_questions]
+    class_names = dataset.meta.get('class_names') or []
     right, seen = defaultdict(int), defaultdict(int)
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
         images = np.stack([dataset.images[i] for i, _ in chunk])
+        longest = max(len(x['a'].split()) for _, x in chunk)  # words; 8 new tokens cover a one-word answer
         with amp():
-            answers = model.chat(tokenizer, images, [x['q'] for _, x in chunk], max_new_tokens=8)
+            answers = model.chat(tokenizer, images, [x['q'] for _, x in chunk], max_new_tokens=max(8, 2 * longest + 4))
         for (_, x), a in zip(chunk, answers):
-            ok = normalize_answer(a) == normalize_answer(x['a'])
+            ok = answer_is_right(a, x['a'], class_names)
             for key in (x['type'], 'all'):
                 right[key] += ok
                 seen[key] += 1

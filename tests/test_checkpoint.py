@@ -2,7 +2,8 @@
 import pytest
 import torch
 
-from checkpoint import ModelSpec, load_vision
+import checkpoint
+from checkpoint import ModelSpec, from_checkpoint, load_vision
 from configurator import script_defaults
 from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, VisionTower
 
@@ -46,3 +47,22 @@ def test_vision_layer_cuts_a_run_tower_at_that_block(tmp_path):
     for layer in (-4, 4):
         with pytest.raises(SystemExit, match=f'vision_layer={layer} but .* has 3 blocks'):
             load_vision(str(tmp_path), layer, False)
+
+
+def test_trust_remote_code_comes_from_the_caller_never_from_a_checkpoint(monkeypatch):
+    """A downloaded run whose saved config says trust_remote_code=True must not make sample.py or classify.py run
+    the model's own code: only the person running the command turns it on."""
+    asked = []
+
+    class Recorder:  # stands in for pretrained.HFVLM: notes what it was asked, then stops the build
+        def __init__(self, source, trust_remote_code=False):
+            asked.append(trust_remote_code)
+            raise RuntimeError('recorded')
+
+    monkeypatch.setattr(checkpoint, 'HFVLM', Recorder)
+    ckpt = {'config': dict(vars(ModelSpec(hf_vlm='some/vlm', llm_mode='lora')), trust_remote_code=True),
+            'model': {}, 'base': {}, 'model_config': {}}
+    for passed in (False, True):
+        with pytest.raises(RuntimeError, match='recorded'):
+            from_checkpoint(ckpt, trust_remote_code=passed)
+    assert asked == [False, True]

@@ -73,6 +73,12 @@ def test_loss_is_cross_entropy_over_exactly_the_answer_positions():
     torch.testing.assert_close(loss_sum, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_an_unknown_connector_names_every_choice():
+    from model import build_connector
+    with pytest.raises(ValueError, match="'mlp', 'pixel_shuffle' or 'bridge'"):
+        build_connector(ConnectorConfig(kind='perceiver'))
+
+
 def test_placeholder_count_must_match_image_embeddings():
     model, tok = tiny_vlm()
     ids, _ = tok.encode_chat(conversation(), model.num_image_tokens + 1)
@@ -182,6 +188,31 @@ def test_isolated_turns_score_each_answer_as_if_asked_alone():
     assert abs(float(model(torch.tensor([chained[0]]), img, targets=torch.tensor([chained[1]]))) - float(alone)) > 1e-4
     assert sum(t != -100 for t in tg) == sum(t != -100 for t in chained[1])
     assert pack_turns(tok, turns, n, True)[0].count(tok.image_token_id) == n  # the image once
+
+
+@pytest.mark.parametrize('head, lead', [([], 'look at this: '),
+                                        ([{'role': 'system', 'content': 'answer in one word.'}], '')])
+@torch.no_grad()
+def test_isolated_turns_with_a_system_turn_or_text_before_the_image(head, lead):
+    """Each pair, packed, scores as it would alone: after the system turn, and after the first turn's text up
+    to the image (before, a leading system turn paired the turns wrongly and the text moved later positions)."""
+    model, tok = tiny_vlm()
+    n = model.num_image_tokens
+    qa = conversation('red') + [{'role': 'user', 'content': TEXTS[2]}, {'role': 'assistant', 'content': 'two'}]
+    turns = head + [dict(qa[0], content=lead + qa[0]['content'])] + qa[1:]
+    ids, tg, pos, seg, _ = encode_sample(tok, turns, n, 512, isolate_turns=True)
+    img = images(1)
+    packed = model(torch.tensor([ids]), img, targets=torch.tensor([tg]), positions=torch.tensor([pos]),
+                   segment_ids=torch.tensor([seg]))
+    alone = 0.0
+    for k in range(0, len(qa), 2):
+        q = lead + qa[k]['content'] if k == 0 else lead + '<image>\n' + qa[k]['content']
+        one = encode_sample(tok, head + [{'role': 'user', 'content': q}, qa[k + 1]], n, 512)
+        alone = alone + model(torch.tensor([one[0]]), img, targets=torch.tensor([one[1]]))
+        mine = [i for i, s in enumerate(seg) if s == k // 2 + 1]  # the pair's own tokens: as alone, same positions
+        assert [ids[i] for i in mine] == one[0][-len(mine):] and [pos[i] for i in mine] == one[2][-len(mine):]
+    torch.testing.assert_close(packed, alone, rtol=1e-6, atol=1e-5)
+    assert sum(t != IGNORE_INDEX for t in tg) == sum(len(tok.encode(t['content'])) + 1 for t in qa[1::2])
 
 
 def open_bridge_gates(model, value=0.5):

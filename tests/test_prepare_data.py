@@ -177,6 +177,15 @@ def test_cifar10_batches_labels_pixels_and_splits(tmp_path):
     assert r['captions'] == [f'a photo of a {name}.'] and r['qa'] == [{'q': 'what is in the image?', 'a': name, 'type': 'class'}]
 
 
+def test_cifar10_image_size_given_with_an_equals_sign_is_kept(tmp_path):
+    make_cifar(tmp_path / 'cifar-10-batches-py', per_batch=2, n_test=2)
+    for flag, size in ((['--image_size=48'], 48), (['--image_size', '40'], 40), ([], 32)):
+        out = tmp_path / f'out{size}'
+        prepare('cifar10', '--root', tmp_path / 'cifar-10-batches-py', '--out_dir', out, *flag)
+        assert json.load(open(out / 'meta.json'))['image_size'] == size
+        assert np.load(out / 'images.npy').shape[1:] == (size, size, 3)
+
+
 def test_cifar10_descriptions_csv(tmp_path):
     train_px, train_y, _, _ = make_cifar(tmp_path / 'cifar-10-batches-py')
     csv_path = tmp_path / 'descriptions.csv'

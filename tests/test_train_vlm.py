@@ -1,10 +1,15 @@
 import json
 import os
+import random
+import signal
+import subprocess
 import sys
+import time
 
+import pytest
 import torch
 
-from conftest import TINY, run
+from conftest import ROOT, TINY, run
 
 
 def train(shapes_dir, out_dir, *extra, launcher=None):
@@ -114,3 +119,52 @@ def test_two_process_ddp_matches_one_process(shapes_dir, tmp_path):
     wa, wb = weights(one), weights(two)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+UNMEASURED = [a for a in TINY if not a.startswith('--peak_flops')]  # the run measures its matmul peak at start
+
+
+@pytest.mark.parametrize('lora', [False, True])
+def test_kill_9_at_a_random_moment_then_resume_ends_bit_identical(shapes_dir, tiny_run, tmp_path, lora):
+    """A run killed with SIGKILL at a random moment after its first checkpoint, then resumed, ends with exactly
+    the weights of an uninterrupted run: the full default recipe, and LoRA with dropout (whose masks come from
+    the generators the checkpoint restores). checkpoint_minutes writes checkpoints between the evals."""
+    extra = ['--max_iters=16', '--eval_interval=8', '--batch_size=8', '--learning_rate=2e-3', '--warmup_iters=2',
+             '--test_at_end=False', '--eval_questions=4', '--checkpoint_minutes=1e-5']
+    if lora:
+        extra += [f'--init_from={tiny_run}', '--llm_mode=lora', '--vision_mode=lora', '--lora_r=4', '--lora_dropout=0.1']
+    args = lambda out: [sys.executable, 'train_vlm.py', f'--data_dir={shapes_dir}', f'--out_dir={out}', *UNMEASURED,
+                        *extra]
+    straight, killed = tmp_path / 'straight', tmp_path / 'killed'
+    p = run(args(straight))
+    assert 'min of training since the last checkpoint' in p.stdout  # timed checkpoints between the evals
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    proc = subprocess.Popen(args(killed), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rng = random.Random(int(lora))
+    target, delay = rng.randint(2, 12), rng.uniform(0, 0.05)  # killed mid-step, mid-save or mid-eval after it
+    while proc.poll() is None and not ((killed / 'ckpt.pt').exists() and
+                                       torch.load(killed / 'ckpt.pt', weights_only=True)['iter_num'] >= target):
+        time.sleep(0.005)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at = torch.load(killed / 'ckpt.pt', weights_only=True)['iter_num']
+    print(f'killed {delay * 1000:.0f} ms after the checkpoint of iteration {target}; resuming from iteration {at}')
+    assert at < 16  # it did stop before the end
+    run(args(killed) + ['--init_from=resume'])
+    a, b = weights(straight), weights(killed)
+    assert a.keys() == b.keys() and (not lora or all('lora_' in k or k.startswith('connector') for k in a))
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, at)
+
+
+def test_fp16_loss_scale_is_saved_and_restored(shapes_dir, tmp_path):
+    common = ['--batch_size=8', '--dtype=float16', '--test_at_end=False', '--eval_interval=2', '--eval_questions=2']
+    straight, resumed = tmp_path / 'straight', tmp_path / 'resumed'
+    train(shapes_dir, straight, '--max_iters=4', *common)
+    train(shapes_dir, resumed, '--max_iters=2', *common)
+    train(shapes_dir, resumed, '--max_iters=4', '--init_from=resume', *common)
+    a, b = (torch.load(d / 'ckpt.pt', weights_only=True) for d in (straight, resumed))
+    assert a['scaler']['_growth_tracker'] == 4 and a['scaler'] == b['scaler']
+    for k, v in a['model'].items():
+        assert torch.equal(v, b['model'][k]), k

@@ -24,3 +24,46 @@ def test_cider_d_hand_computed():
     longer = cider_d(['a red square and more words here', 'a blue square'], [['a red circle'], ['a blue square']])
     assert longer < score
     assert cider_d(['x y z', 'p q r'], [['a red circle'], ['a blue square']]) == 0.0
+
+
+def test_reasoning_answers_are_scored_by_the_class_they_name(shapes_dir, tmp_path):
+    """After classify.py --mode=convert --reasoning=True a right answer is one naming the right class, whatever
+    its reasoning (an exact match of the whole 'Reasoning: ... Answer: ...' string was all but never right)."""
+    from contextlib import nullcontext
+
+    import classify
+    from data import VLMDataset
+    from training import qa_accuracy
+    shapes = ['circle', 'square', 'triangle', 'diamond', 'cross']
+    classify.convert_dataset(shapes_dir, str(tmp_path / 'cls'), shapes, 'what shape is the large object?',
+                             reasoning=True)
+    ds = VLMDataset(str(tmp_path / 'cls'), 'val')
+
+    class Scripted:  # reasons in its own words, then names the right class, or the next one
+        def __init__(self, shift):
+            self.classes, self.room = iter([shapes[(r['label'] + shift) % 5] for r in ds.records]), []
+
+        def chat(self, tok, images, prompts, max_new_tokens):
+            self.room.append(max_new_tokens)
+            return [f'Reasoning: I looked closely at it. Answer: {next(self.classes)}.' for _ in prompts]
+
+    right = Scripted(0)
+    assert qa_accuracy(right, ds, None, 'cpu', nullcontext) == ({'class': 1.0, 'all': 1.0}, len(ds.records))
+    assert min(right.room) > 2 * len(ds.records[0]['qa'][0]['a'].split())  # room for the whole answer
+    assert qa_accuracy(Scripted(1), ds, None, 'cpu', nullcontext)[0]['all'] == 0.0
+
+
+def test_weight_decay_spares_positions_and_class_and_register_tokens():
+    """A DINOv2-style tower (class token, registers) training in full: only weight matrices decay."""
+    from model import VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig
+    from training import make_optimizer
+    vit = ViTConfig(image_size=16, patch_size=4, n_layer=1, n_head=2, n_embd=32, cls_token=True, n_registers=2,
+                    layer_scale=1.0)
+    model = VLM(VLMConfig(vit, ConnectorConfig(kind='mlp', in_dim=32, out_dim=32),
+                          DecoderConfig(vocab_size=50, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64)))
+    opt = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), 'cpu')
+    decay = {id(p): g['weight_decay'] for g in opt.param_groups for p in g['params']}
+    for n, p in model.named_parameters():
+        spared = p.dim() < 2 or n.split('.')[-1] in ('pos_embed', 'cls_token', 'registers')
+        assert decay[id(p)] == (0.0 if spared else 0.1), n
+    assert decay[id(model.vision_tower.patch_embed.weight)] == 0.1
