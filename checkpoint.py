@@ -55,6 +55,7 @@ class ModelSpec:
     llm_mlp_width: int = 688
     tie_embeddings: bool = True
     tokenizer: str = 'word'
+    image_layout: str = 'plain'
     # what trains
     vision_mode: str = 'full'
     llm_mode: str = 'full'
@@ -111,11 +112,11 @@ def tokenizer_from_state(s):
     """A tokenizer from the state() a checkpoint stored: glimpse's word or byte tokenizer, or a pretrained LLM's
     own (its files). A whole Hugging Face VLM's processor comes back with its model (load_run)."""
     if s['kind'] == 'hf':
-        return hf_tokenizer_from_files(s['files'])
+        return hf_tokenizer_from_files(s['files'], s.get('image_layout', 'plain'))
     if s['kind'] == 'hf_processor':
         raise GlimpseError(f"checkpoint error: this run fine-tuned {s['source']}, whose processor comes with the "
                            f"model: load the run with checkpoint.load_run")
-    return Tokenizer(s['kind'], s['words'])
+    return Tokenizer(s['kind'], s['words'], s.get('image_layout', 'plain'))
 
 
 # -----------------------------------------------------------------------------
@@ -169,16 +170,20 @@ def check_fingerprint(expected, got, source):
 # -----------------------------------------------------------------------------
 # the parts: an LLM and a vision tower, pretrained or from an earlier run
 
-def load_llm(source):
+def load_llm(source, image_layout='plain'):
     """(tokenizer, LLM module) of train_vlm.py's llm= other than 'scratch': the out_dir of a train_vlm.py run
     (its language model as trained, adapters merged, and its tokenizer), or a pretrained LLM (a Hugging
-    Face directory or cache id, or a .gguf file: pretrained.load_pretrained_llm)."""
+    Face directory or cache id, or a .gguf file: pretrained.load_pretrained_llm), its tokenizer writing
+    images in image_layout."""
     if not os.path.isfile(os.path.join(source, 'ckpt.pt')):
-        return load_pretrained_llm(source)
+        return load_pretrained_llm(source, image_layout)
     model, tok = load_run(source)
     if isinstance(model, HFVLM):
         raise GlimpseError(f'llm error: {source} fine-tuned a whole Hugging Face VLM; llm= takes a run of glimpse\'s '
                            f'own VLM, a Hugging Face causal LM (directory or cache id) or a .gguf file')
+    if tok.image_layout != image_layout:
+        raise GlimpseError(f'config error: llm={source} writes images in the {tok.image_layout!r} layout; give '
+                           f'--image_layout={tok.image_layout}')
     return tok, merge_lora(model, dequantize=True).llm
 
 
@@ -224,7 +229,7 @@ def vlm_config(spec, tok, llm=None, vision=None):
     if vision is None and (spec.vision_layer != -1 or spec.vision_cls):
         raise GlimpseError("config error: vision_layer and vision_cls choose features of a pretrained tower; "
                            "with vision='scratch' leave them at -1 and False (the vit_* keys shape the ViT)")
-    if vision is not None and vision.keep_cls and spec.connector == 'pixel_shuffle':
+    if vision is not None and vision.keep_cls and spec.connector.startswith('pixel_shuffle'):
         raise GlimpseError("config error: vision_cls=True adds a token to the patch grid, which pixel_shuffle cannot "
                            "fold; use connector='mlp'")
     llm_cfg = llm.cfg if llm is not None else DecoderConfig(
@@ -291,7 +296,7 @@ def base_model(model_cfg, spec, init_from, seed, device, pretrained=None):
     if init_from not in ('scratch', 'resume'):
         return merge_lora(load_run(init_from)[0], dequantize=True).to(device)
     if pretrained is None:
-        pretrained = (load_llm(spec.llm)[1] if spec.llm != 'scratch' else None,
+        pretrained = (load_llm(spec.llm, spec.image_layout)[1] if spec.llm != 'scratch' else None,
                       load_vision(spec.vision, spec.vision_layer, spec.vision_cls)[1] if spec.vision != 'scratch' else None)
     llm, vision = pretrained
     seed_everything(seed)  # after loading, which may draw random numbers: the same init on every rebuild
@@ -361,7 +366,8 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
     elif spec.init_from == 'resume':
         raise GlimpseError('config error: init_from=resume needs the checkpoint of the run to resume')
     else:
-        tok, llm = (Tokenizer.build(spec.tokenizer, texts), None) if spec.llm == 'scratch' else load_llm(spec.llm)
+        tok, llm = (Tokenizer.build(spec.tokenizer, texts, spec.image_layout), None) if spec.llm == 'scratch' else \
+            load_llm(spec.llm, spec.image_layout)
         vision = load_vision(spec.vision, spec.vision_layer, spec.vision_cls) if spec.vision != 'scratch' else None
         model_cfg = vlm_config(spec, tok, llm, vision[0] if vision else None)
         pretrained = (llm, vision[1] if vision else None)

@@ -28,7 +28,6 @@ to results_dir. From a notebook:
 import csv
 import json
 import os
-import re
 import shutil
 import sys
 import time

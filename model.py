@@ -179,8 +179,9 @@ class VisionTower(nn.Module):
 
 @dataclass
 class ConnectorConfig:
-    kind: str = 'pixel_shuffle'  # 'mlp' (LLaVA-1.5's 2-layer GELU MLP), 'pixel_shuffle' (then the MLP), or
-    # 'bridge' (cross-attention from the text embeddings to the image features; no image tokens in the sequence)
+    kind: str = 'pixel_shuffle'  # 'mlp' (LLaVA-1.5's 2-layer GELU MLP), 'pixel_shuffle' (then the MLP),
+    # 'pixel_shuffle_linear' (then one bias-free linear layer: SmolVLM's), or 'bridge' (cross-attention from the
+    # text embeddings to the image features; no image tokens in the sequence)
     in_dim: int = 128
     out_dim: int = 256
     scale_factor: int = 2  # pixel_shuffle: s x s neighbouring patches become one token
@@ -198,12 +199,17 @@ class MLPProjector(nn.Module):
 
 
 class PixelShuffleProjector(nn.Module):
-    """Space-to-depth on the patch grid (as in Idefics3/SmolVLM): s*s times fewer, s*s times wider tokens."""
+    """Space-to-depth on the patch grid: s*s times fewer, s*s times wider tokens, each feature ordered (row
+    offset, column offset, channel) as Idefics3/SmolVLM's pixel_shuffle orders it; then the 2-layer MLP, or
+    (linear=True, SmolVLM's projector) a single bias-free linear layer."""
 
-    def __init__(self, in_dim, out_dim, scale_factor):
+    def __init__(self, in_dim, out_dim, scale_factor, linear=False):
         super().__init__()
         self.s = scale_factor
-        self.mlp = MLPProjector(in_dim * scale_factor ** 2, out_dim)
+        if linear:
+            self.proj = nn.Linear(in_dim * scale_factor ** 2, out_dim, bias=False)
+        else:
+            self.mlp = MLPProjector(in_dim * scale_factor ** 2, out_dim)
 
     def forward(self, x):  # (B, N, C)
         B, N, C = x.shape
@@ -213,7 +219,8 @@ class PixelShuffleProjector(nn.Module):
             raise ValueError(f"pixel_shuffle needs a square grid of patches divisible by {s}, got {N} tokens "
                              f"(a kept class token? use connector='mlp')")
         x = x.view(B, h // s, s, h // s, s, C).permute(0, 1, 3, 2, 4, 5)  # (B, h/s, w/s, s, s, C)
-        return self.mlp(x.reshape(B, N // s ** 2, s * s * C))
+        x = x.reshape(B, N // s ** 2, s * s * C)
+        return self.proj(x) if hasattr(self, 'proj') else self.mlp(x)
 
 
 class CrossAttentionBridge(nn.Module):
@@ -254,9 +261,9 @@ def build_connector(cfg: ConnectorConfig):
         return CrossAttentionBridge(cfg.in_dim, cfg.out_dim, cfg.n_head)
     if cfg.kind == 'mlp':
         return MLPProjector(cfg.in_dim, cfg.out_dim)
-    if cfg.kind == 'pixel_shuffle':
-        return PixelShuffleProjector(cfg.in_dim, cfg.out_dim, cfg.scale_factor)
-    raise ValueError(f"unknown connector '{cfg.kind}': use 'mlp', 'pixel_shuffle' or 'bridge'")
+    if cfg.kind in ('pixel_shuffle', 'pixel_shuffle_linear'):
+        return PixelShuffleProjector(cfg.in_dim, cfg.out_dim, cfg.scale_factor, linear=cfg.kind == 'pixel_shuffle_linear')
+    raise ValueError(f"unknown connector '{cfg.kind}': use 'mlp', 'pixel_shuffle', 'pixel_shuffle_linear' or 'bridge'")
 
 
 # -----------------------------------------------------------------------------
@@ -673,8 +680,9 @@ def training_flops_per_sample(cfg: VLMConfig, n_text_tokens, num_image_tokens, v
         C, N = c.out_dim, patches
         conn = 6 * ((c.in_dim * C + 2 * C * C) * N + 10 * C * C * T) + 12 * C * T * N
     else:
-        conn_in = c.in_dim * (c.scale_factor ** 2 if c.kind == 'pixel_shuffle' else 1)
-        conn = 6 * (conn_in * c.out_dim + c.out_dim ** 2) * num_image_tokens
+        conn_in = c.in_dim * (c.scale_factor ** 2 if c.kind.startswith('pixel_shuffle') else 1)
+        second = c.out_dim ** 2 if c.kind != 'pixel_shuffle_linear' else 0  # the MLP's second layer
+        conn = 6 * (conn_in * c.out_dim + second) * num_image_tokens
     return vit + conn + llm
 
 

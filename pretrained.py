@@ -169,14 +169,14 @@ def mean_rows(weight, n_rows, new_ids):
     return out
 
 
-def load_pretrained_llm(source):
+def load_pretrained_llm(source, image_layout='plain'):
     """A local directory, Hugging Face cache id or .gguf file -> (tokenizer, llm): an HFTokenizer with <image>
-    added, and a Decoder (Llama family) or HFCausalLM (anything else) holding the weights in float32, its
-    embedding (and untied output) matrix grown by the added token."""
+    added (and Idefics3's image markers: image_layout), and a Decoder (Llama family) or HFCausalLM (anything
+    else) holding the weights in float32, its embedding (and untied output) matrix grown by the added tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     directory, gguf = resolve_pretrained(source)
-    tok = HFTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf))
-    new_ids = [tok.image_token_id] if tok.added_image_token else []
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf), image_layout)
+    new_ids = tok.added_ids
     hf_model = None
     if gguf:  # transformers dequantises GGUF into a float model (and undoes llama.cpp's q/k permutation)
         hf_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
@@ -209,7 +209,7 @@ def load_pretrained_llm(source):
     return tok, HFCausalLM(model=hf_model)
 
 
-def hf_tokenizer_from_files(files):
+def hf_tokenizer_from_files(files, image_layout='plain'):
     """A tokenizer saved by tokenizer.HFTokenizer.state() (file name -> base64 contents) -> HFTokenizer. The
     names come from a checkpoint: only plain file names are written, into a fresh temporary folder."""
     from transformers import AutoTokenizer
@@ -220,7 +220,7 @@ def hf_tokenizer_from_files(files):
                                    f'file name; the checkpoint is damaged or crafted, do not use it')
             with open(os.path.join(d, name), 'wb') as f:
                 f.write(base64.b64decode(data))
-        return HFTokenizer(AutoTokenizer.from_pretrained(d))
+        return HFTokenizer(AutoTokenizer.from_pretrained(d), image_layout)
 
 
 class HFVLM(nn.Module):
@@ -365,6 +365,48 @@ def blocks_kept(layer, n_layer, source):
     return n_keep
 
 
+def vision_name_map(family, n_layer, n_registers=0, last=True):
+    """The native name -> checkpoint name(s) of every tensor of a SigLIP, CLIP or DINOv2 tower of n_layer blocks
+    (q, k, v: a list, concatenated into the native qkv), in both directions: load_pretrained_vision reads
+    checkpoints with it, export.py writes them. last: the tower ends with the checkpoint's final LayerNorm.
+    Returns (map, the checkpoint's prefix of block i's names, checkpoint tensors no native one needs)."""
+    if family == 'dinov2':
+        m = {'patch_embed.weight': 'embeddings.patch_embeddings.projection.weight',
+             'patch_embed.bias': 'embeddings.patch_embeddings.projection.bias',
+             'cls_token': 'embeddings.cls_token', 'pos_embed': 'embeddings.position_embeddings'}
+        if n_registers:
+            m['registers'] = 'embeddings.register_tokens'
+        if last:
+            m.update({'ln_post.weight': 'layernorm.weight', 'ln_post.bias': 'layernorm.bias'})
+        block = {'ln1': 'norm1', 'ln2': 'norm2', 'proj': 'attention.output.dense', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2',
+                 'qkv': ['attention.attention.query', 'attention.attention.key', 'attention.attention.value']}
+        layers, unused = 'encoder.layer', ('embeddings.mask_token',)  # mask_token: for masked-image pretraining
+    else:
+        m = {'patch_embed.weight': 'embeddings.patch_embedding.weight',
+             'pos_embed': 'embeddings.position_embedding.weight'}
+        if family == 'siglip':
+            m['patch_embed.bias'] = 'embeddings.patch_embedding.bias'
+            if last:
+                m.update({'ln_post.weight': 'post_layernorm.weight', 'ln_post.bias': 'post_layernorm.bias'})
+        else:
+            m.update({'cls_token': 'embeddings.class_embedding', 'ln_pre.weight': 'pre_layrnorm.weight',
+                      'ln_pre.bias': 'pre_layrnorm.bias'})
+        block = {'ln1': 'layer_norm1', 'ln2': 'layer_norm2', 'proj': 'self_attn.out_proj', 'fc1': 'mlp.fc1',
+                 'fc2': 'mlp.fc2', 'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}
+        # SigLIP's attention-pooling head and CLIP's post_layernorm make the pooled output only
+        layers, unused = 'encoder.layers', ('head.', 'post_layernorm.')
+    for i in range(n_layer):
+        for nat, src in block.items():
+            for w in ('weight', 'bias'):
+                m[f'blocks.{i}.{nat}.{w}'] = [f'{layers}.{i}.{s}.{w}' for s in src] if isinstance(src, list) \
+                    else f'{layers}.{i}.{src}.{w}'
+        if family == 'dinov2':
+            m[f'blocks.{i}.ls1'] = f'{layers}.{i}.layer_scale1.lambda1'
+            m[f'blocks.{i}.ls2'] = f'{layers}.{i}.layer_scale2.lambda1'
+
+    return m, layers, unused
+
+
 def load_pretrained_vision(source, layer=-1, keep_cls=False):
     """A SigLIP, CLIP or DINOv2 vision tower (or the vision half of a CLIPModel / SiglipModel) from a local
     directory or a model id in the Hugging Face cache, as (ViTConfig, state_dict of VisionTower).
@@ -406,41 +448,7 @@ def load_pretrained_vision(source, layer=-1, keep_cls=False):
                    or f'{p}embeddings.patch_embeddings.projection.weight' in tensors), None)
     if prefix is None:
         raise GlimpseError(f'vision error: no patch embedding among the tensors in {model_dir}; not a {family} checkpoint?')
-    # native name -> checkpoint name(s); q, k, v are concatenated into one projection
-    if family == 'dinov2':
-        m = {'patch_embed.weight': 'embeddings.patch_embeddings.projection.weight',
-             'patch_embed.bias': 'embeddings.patch_embeddings.projection.bias',
-             'cls_token': 'embeddings.cls_token', 'pos_embed': 'embeddings.position_embeddings'}
-        if cfg.n_registers:
-            m['registers'] = 'embeddings.register_tokens'
-        if last:
-            m.update({'ln_post.weight': 'layernorm.weight', 'ln_post.bias': 'layernorm.bias'})
-        block = {'ln1': 'norm1', 'ln2': 'norm2', 'proj': 'attention.output.dense', 'fc1': 'mlp.fc1', 'fc2': 'mlp.fc2',
-                 'qkv': ['attention.attention.query', 'attention.attention.key', 'attention.attention.value']}
-        layers, unused = 'encoder.layer', ('embeddings.mask_token',)  # mask_token: for masked-image pretraining
-    else:
-        m = {'patch_embed.weight': 'embeddings.patch_embedding.weight',
-             'pos_embed': 'embeddings.position_embedding.weight'}
-        if family == 'siglip':
-            m['patch_embed.bias'] = 'embeddings.patch_embedding.bias'
-            if last:
-                m.update({'ln_post.weight': 'post_layernorm.weight', 'ln_post.bias': 'post_layernorm.bias'})
-        else:
-            m.update({'cls_token': 'embeddings.class_embedding', 'ln_pre.weight': 'pre_layrnorm.weight',
-                      'ln_pre.bias': 'pre_layrnorm.bias'})
-        block = {'ln1': 'layer_norm1', 'ln2': 'layer_norm2', 'proj': 'self_attn.out_proj', 'fc1': 'mlp.fc1',
-                 'fc2': 'mlp.fc2', 'qkv': ['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj']}
-        # SigLIP's attention-pooling head and CLIP's post_layernorm make the pooled output only
-        layers, unused = 'encoder.layers', ('head.', 'post_layernorm.')
-    for i in range(n_keep):
-        for nat, src in block.items():
-            for w in ('weight', 'bias'):
-                m[f'blocks.{i}.{nat}.{w}'] = [f'{layers}.{i}.{s}.{w}' for s in src] if isinstance(src, list) \
-                    else f'{layers}.{i}.{src}.{w}'
-        if family == 'dinov2':
-            m[f'blocks.{i}.ls1'] = f'{layers}.{i}.layer_scale1.lambda1'
-            m[f'blocks.{i}.ls2'] = f'{layers}.{i}.layer_scale2.lambda1'
-
+    m, layers, unused = vision_name_map(family, n_keep, cfg.n_registers, last)
     with torch.device('meta'):
         expected = VisionTower(cfg).state_dict()
     state, used = {}, set()

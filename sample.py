@@ -20,10 +20,12 @@ from checkpoint import load_run
 from configurator import apply_config
 from data import IMAGE_EXTS, image_pixels
 from model import cut_at
+from pretrained import HFVLM
 from tokenizer import HFProcessor
 from training import autocast_context, pick_device, pick_dtype
 
 out_dir = 'out/shapes'  # where train_vlm.py wrote its checkpoints
+hf_vlm = ''  # instead: a Hugging Face image-text-to-text model directory (or cache id), e.g. what export.py wrote
 checkpoint = 'ckpt.pt'  # in out_dir: ckpt.pt (latest), best.pt (lowest val loss) or weights.pt (weights only)
 image = ''  # an image file, or a folder of them; none: a text-only question
 prompt = 'describe the image.'
@@ -44,11 +46,15 @@ if image and not os.path.exists(image):
     raise SystemExit(f'image error: {image} not found')
 device = pick_device(device)
 amp = functools.partial(autocast_context, device.split(':')[0], pick_dtype(dtype, device.split(':')[0]))
-model, tok = load_run(out_dir, device, checkpoint, trust_remote_code)  # full weights, or base + adapters
+if hf_vlm:
+    model = HFVLM(hf_vlm, trust_remote_code).to(device)
+    tok = model.processor
+else:
+    model, tok = load_run(out_dir, device, checkpoint, trust_remote_code)  # full weights, or base + adapters
 model.eval()
 hf = isinstance(tok, HFProcessor)  # a fine-tuned Hugging Face VLM: its processor is the tokenizer
 if hf and (chat or not image):
-    raise SystemExit(f'sample error: {out_dir} fine-tuned a Hugging Face VLM; ask it about images with --image '
+    raise SystemExit(f'sample error: {hf_vlm or out_dir} is a Hugging Face VLM; ask it about images with --image '
                      f'(no --chat, no text-only questions)')
 # an image is fitted to a square as prepare_data.py fits a dataset's (the tower then resizes it as it was
 # trained); a Hugging Face VLM's processor takes it as it is

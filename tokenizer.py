@@ -18,58 +18,80 @@ import tempfile
 
 from errors import GlimpseError
 
+# image_layout='idefics3': the tokens SmolVLM's (Idefics3) processor writes around an image's tokens, so that a run
+# meant for export.py's Idefics3 target sees in training what the exported model sees at inference
+IDEFICS3_AROUND = ('<fake_token_around_image>', '<global-img>')
+IMAGE_LAYOUTS = ('plain', 'idefics3')
+
+
+def check_image_layout(image_layout):
+    if image_layout not in IMAGE_LAYOUTS:
+        raise GlimpseError(f"config error: --image_layout={image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
+
+
+def image_run(image_token_id, n, around=None):
+    """The ids one '<image>' becomes: n image placeholders; with around = (fake, global) ids (Idefics3's layout),
+    fake, global, the n placeholders, fake. No placeholders (the bridge): nothing."""
+    if not n:
+        return []
+    return [around[0], around[1]] + [image_token_id] * n + [around[0]] if around else [image_token_id] * n
+
 
 class Tokenizer:
     """'word': a vocabulary of the words in the training texts (lower-cased, punctuation split off).
-    'byte': the 256 bytes of UTF-8. Both put the special tokens first.
+    'byte': the 256 bytes of UTF-8. Both put the special tokens first (Idefics3's two image markers after
+    them with image_layout='idefics3').
     Chat template: <bos> then for each turn <|user|> or <|assistant|>, its text, <|end|>."""
     SPECIALS = ('<pad>', '<bos>', '<|end|>', '<|user|>', '<|assistant|>', '<image>', '<unk>')
     WORD_RE = re.compile(r"<image>|[a-z0-9]+|[^\sa-z0-9]")
 
-    def __init__(self, kind='word', words=()):
+    def __init__(self, kind='word', words=(), image_layout='plain'):
         if kind not in ('word', 'byte'):
             raise GlimpseError(f"config error: --tokenizer={kind!r}: use 'word' or 'byte'")
-        self.kind = kind
+        check_image_layout(image_layout)
+        self.kind, self.image_layout = kind, image_layout
         self.words = list(words)
-        self.itos = list(self.SPECIALS) + (self.words if kind == 'word' else [bytes([b]) for b in range(256)])
+        self.specials = self.SPECIALS + (IDEFICS3_AROUND if image_layout == 'idefics3' else ())
+        self.itos = list(self.specials) + (self.words if kind == 'word' else [bytes([b]) for b in range(256)])
         self.stoi = {s: i for i, s in enumerate(self.itos) if isinstance(s, str)}
         self.pad_id, self.bos_id, self.eot_id, self.user_id, self.assistant_id, self.image_token_id, self.unk_id = \
             range(len(self.SPECIALS))
+        self.around = (len(self.SPECIALS), len(self.SPECIALS) + 1) if image_layout == 'idefics3' else None
         self.vocab_size = len(self.itos)
 
     @classmethod
-    def build(cls, kind, texts):
+    def build(cls, kind, texts, image_layout='plain'):
         words = sorted({w for t in texts for w in cls.WORD_RE.findall(t.lower())} - set(cls.SPECIALS))
-        return cls(kind, words if kind == 'word' else ())
+        return cls(kind, words if kind == 'word' else (), image_layout)
 
     def state(self):
-        return {'kind': self.kind, 'words': self.words}
+        return {'kind': self.kind, 'words': self.words, 'image_layout': self.image_layout}
 
     def encode(self, text):
         if self.kind == 'word':
             return [self.stoi.get(w, self.unk_id) for w in self.WORD_RE.findall(text.lower())]
         out = []
         for i, part in enumerate(text.split('<image>')):
-            out += ([self.image_token_id] if i else []) + [len(self.SPECIALS) + b for b in part.encode()]
+            out += ([self.image_token_id] if i else []) + [len(self.specials) + b for b in part.encode()]
         return out
 
     def decode(self, ids):
         if self.kind == 'byte':
-            raw = b''.join(self.itos[i] for i in ids if i >= len(self.SPECIALS))
+            raw = b''.join(self.itos[i] for i in ids if i >= len(self.specials))
             return raw.decode('utf-8', errors='replace')
-        text = ' '.join(self.itos[i] for i in ids if i >= len(self.SPECIALS) or i == self.unk_id)
+        text = ' '.join(self.itos[i] for i in ids if i >= len(self.specials) or i == self.unk_id)
         return re.sub(r" ([.,?!;:])", r"\1", text)
 
     def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False):
         """Turns [{'role', 'content'}] -> (ids, supervised): built segment by segment with a parallel
         mask, so the supervised tokens are exactly the assistant texts and their <|end|>. Each
-        '<image>' becomes num_image_tokens placeholders."""
+        '<image>' becomes num_image_tokens placeholders (image_run)."""
         ids, sup = [self.bos_id], [False]
         for turn in turns:
             assistant = turn['role'] == 'assistant'
             body = []
             for t in self.encode(turn['content']):
-                body += [t] * (num_image_tokens if t == self.image_token_id else 1)
+                body += image_run(t, num_image_tokens, self.around) if t == self.image_token_id else [t]
             ids += [self.assistant_id if assistant else self.user_id] + body + [self.eot_id]
             sup += [False] + [assistant] * (len(body) + 1)
         if add_generation_prompt:
@@ -90,17 +112,21 @@ class HFTokenizer:
     rendered turn by turn and encoded piece by piece, so the supervised flags mark exactly the assistant
     answers and the end-of-turn token the template puts after them, which is also the generation stop token.
     glimpse pads itself (right for training, left for generation, always masked), so a model without a pad
-    token pads with the end-of-turn token."""
+    token pads with the end-of-turn token. image_layout='idefics3' adds Idefics3's two image markers too."""
     IMAGE = '<image>'
 
-    def __init__(self, hf_tokenizer):
-        self.tok = hf_tokenizer
+    def __init__(self, hf_tokenizer, image_layout='plain'):
+        check_image_layout(image_layout)
+        self.tok, self.image_layout = hf_tokenizer, image_layout
         if not self.tok.chat_template:
             self.tok.chat_template = PLAIN_CHAT_TEMPLATE
-        self.added_image_token = self.IMAGE not in self.tok.get_vocab()
-        if self.added_image_token:
-            self.tok.add_tokens([self.IMAGE], special_tokens=True)
+        needed = (self.IMAGE,) + (IDEFICS3_AROUND if image_layout == 'idefics3' else ())
+        new = [t for t in needed if t not in self.tok.get_vocab()]
+        if new:
+            self.tok.add_tokens(new, special_tokens=True)
+        self.added_ids = self.tok.convert_tokens_to_ids(new)  # their embeddings start as the mean of the rest
         self.image_token_id = self.tok.convert_tokens_to_ids(self.IMAGE)
+        self.around = tuple(self.tok.convert_tokens_to_ids(list(IDEFICS3_AROUND))) if image_layout == 'idefics3' else None
         self.vocab_size = len(self.tok)
         self.eot_id = self._end_of_turn()
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eot_id
@@ -132,9 +158,9 @@ class HFTokenizer:
 
         def add(text, supervised):
             for t in self.encode(text):
-                n = num_image_tokens if t == self.image_token_id else 1
-                ids.extend([t] * n)
-                sup.extend([supervised] * n)
+                run = image_run(t, num_image_tokens, self.around) if t == self.image_token_id else [t]
+                ids.extend(run)
+                sup.extend([supervised] * len(run))
 
         for k in range(len(turns) + add_generation_prompt):
             text = self._render(turns[:k + 1], k == len(turns))
@@ -168,7 +194,7 @@ class HFTokenizer:
             for name in os.listdir(d):
                 with open(os.path.join(d, name), 'rb') as f:
                     files[name] = base64.b64encode(f.read()).decode()
-        return {'kind': 'hf', 'files': files}
+        return {'kind': 'hf', 'files': files, 'image_layout': self.image_layout}
 
 
 class HFProcessor:

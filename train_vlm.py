@@ -52,7 +52,7 @@ patch_overlap = 0  # each patch embedding also sees this many pixels of its neig
 vit_layers = 4
 vit_width = 128
 vit_heads = 4
-connector = 'pixel_shuffle'  # 'mlp', 'pixel_shuffle', or 'bridge' (text attends to the image; seed 002)
+connector = 'pixel_shuffle'  # 'mlp', 'pixel_shuffle' (then the MLP), 'pixel_shuffle_linear' (SmolVLM's), or 'bridge' (seed 002)
 pixel_shuffle_factor = 2
 bridge_heads = 8  # connector='bridge': cross-attention heads
 llm = 'scratch'  # 'scratch' (llm_* keys, built-in tokenizer), or a pretrained LLM with its tokenizer and chat
@@ -65,6 +65,7 @@ llm_kv_heads = 2
 llm_mlp_width = 688
 tie_embeddings = True
 tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
+image_layout = 'plain'  # an image's tokens: 'plain' (<image> x N) or 'idefics3' (between SmolVLM's markers: export.py)
 max_seq_len = 256
 isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see data.pack_turns)
 num_workers = 0  # DataLoader processes building batches ahead of the step (decoding --shards images); 0 = inline

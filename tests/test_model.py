@@ -75,7 +75,7 @@ def test_loss_is_cross_entropy_over_exactly_the_answer_positions():
 
 def test_an_unknown_connector_names_every_choice():
     from model import build_connector
-    with pytest.raises(ValueError, match="'mlp', 'pixel_shuffle' or 'bridge'"):
+    with pytest.raises(ValueError, match="'mlp', 'pixel_shuffle', 'pixel_shuffle_linear' or 'bridge'"):
         build_connector(ConnectorConfig(kind='perceiver'))
 
 
@@ -248,7 +248,7 @@ def test_bridge_kv_cache_generation_equals_recomputation():
 
 @pytest.mark.parametrize('vision_trains,llm_trains,connector', [
     (True, True, 'pixel_shuffle'), (True, False, 'pixel_shuffle'), (False, False, 'pixel_shuffle'),
-    (False, False, 'bridge'), (False, True, 'bridge')])
+    (False, False, 'bridge'), (False, True, 'bridge'), (True, True, 'pixel_shuffle_linear')])
 def test_training_flops_match_a_flop_counter(vision_trains, llm_trains, connector):
     """The MFU numerator: the formula against torch's own count of the matmuls of a forward and backward,
     with frozen parts skipping their weight gradients (and a frozen tower its whole backward)."""

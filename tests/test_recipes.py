@@ -118,3 +118,12 @@ def test_shapes_bridge_recipe(shapes_dir, tiny_run, tmp_path):
     assert '0 image tokens' in p.stdout
     assert {k.split('.')[0] for k in ckpt['model']} == {'connector'}  # what trained; the rest is the tiny run's
     assert ckpt['model']['connector.gate_attn'].abs().item() > 0  # the bridge moved off the identity
+
+
+def test_shapes_export_recipe_exports_to_idefics3(shapes_dir, tmp_path):
+    """config/shapes.py then config/shapes_export.py, as its header runs them, and export.py on the run."""
+    _, ckpt = recipe('config/shapes.py', shapes_dir, tmp_path / 'out', 'config/shapes_export.py', '--test_at_end=False',
+                     f'--out_dir={tmp_path / "out"}')
+    assert ckpt['model_config']['connector']['kind'] == 'pixel_shuffle_linear'
+    p = run([sys.executable, 'export.py', str(tmp_path / 'out'), str(tmp_path / 'hf')])
+    assert 'as idefics3' in p.stdout and (tmp_path / 'hf' / 'model.safetensors').exists()

@@ -66,3 +66,28 @@ def test_a_checkpoint_tokenizer_cannot_write_outside_its_folder(tmp_path):
         assert not target.exists()
     back = tokenizer_from_state({'kind': 'hf', 'files': dict(state['files'], **{'notes.txt': payload})})
     assert back.encode_chat(CONVERSATION, 2) == HFTokenizer(byte_tokenizer()).encode_chat(CONVERSATION, 2)
+
+
+@pytest.mark.parametrize('kind', ['word', 'byte', 'hf'])
+def test_idefics3_image_layout_wraps_the_image_tokens_and_survives_a_checkpoint(kind):
+    """image_layout='idefics3': <fake_token_around_image><global-img>, the image tokens, <fake_token_around_image>
+    (as SmolVLM's processor writes an image), never supervised; the layout is kept in the tokenizer's state."""
+    tok = HFTokenizer(byte_tokenizer(), 'idefics3') if kind == 'hf' else Tokenizer.build(kind, TEXTS, 'idefics3')
+    ids, sup = tok.encode_chat(conversation(), 3)
+    fake, glob = tok.around
+    start = ids.index(fake)
+    assert ids[start:start + 6] == [fake, glob] + [tok.image_token_id] * 3 + [fake] and ids.count(fake) == 2
+    assert not any(sup[start:start + 6])
+    plain = HFTokenizer(byte_tokenizer()) if kind == 'hf' else Tokenizer.build(kind, TEXTS)
+    answers = lambda t, ids, sup: t.decode([i for i, s in zip(ids, sup) if s])  # (glimpse's ids move by two)
+    assert answers(tok, ids, sup) == answers(plain, *plain.encode_chat(conversation(), 3))  # the same answers
+    back = tokenizer_from_state(torch.load(_saved(tok.state()), weights_only=True))
+    assert back.encode_chat(conversation(), 3) == (ids, sup) and back.image_layout == 'idefics3'
+
+
+def _saved(obj):
+    import io
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
