@@ -340,7 +340,7 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * self.head_dim, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * self.head_dim, cfg.n_embd, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, C); mask (B, 1, T, S) bool
+    def forward(self, x, cos, sin, mask, cache=None):  # x (B, T, C); mask (B, 1, T, S) bool, or None: causal
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, h, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, kv, T, hd)
@@ -348,9 +348,10 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, kv, S, hd)
-        rep = self.n_head // self.n_kv_head
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # one mask: causal and padding
+        # no mask: plain causal attention, which the flash kernels take; the query heads share their key/value
+        # head in the kernel (enable_gqa), without copies of K and V
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=self.n_head != self.n_kv_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -420,12 +421,14 @@ class Decoder(nn.Module):
     def new_cache(self):
         return KVCache(self.cfg.n_layer)
 
-    def forward(self, x, positions, key_valid, cache=None, segment_ids=None):
+    def forward(self, x, positions, key_valid, cache=None, segment_ids=None, right_padded=False):
         """x (B, T, C) input embeddings; positions (B, T); key_valid (B, S) with S = cached + T;
-        segment_ids (B, T) for packed independent turns (see attention_mask).
-        Returns the final hidden states (B, T, C); apply lm_head for logits."""
+        segment_ids (B, T) for packed independent turns (see attention_mask). right_padded: the padding is at
+        the end of each row and its outputs are not used (a training batch), so causal attention alone is
+        exact for every real token: no mask is built. Returns the final hidden states (B, T, C)."""
         cos, sin = rope_cos_sin(positions, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta)
-        mask = attention_mask(key_valid, x.shape[1], segment_ids)
+        causal = right_padded and cache is None and segment_ids is None
+        mask = None if causal else attention_mask(key_valid, x.shape[1], segment_ids)
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # non-reentrant: gradients reach the block's adapters even when x needs none (frozen
@@ -530,15 +533,18 @@ class VLM(nn.Module):
         return self.embed(input_ids, image_embeds=image_embeds if self.bridge else None)
 
     def forward(self, input_ids, images=None, attention_mask=None, targets=None, positions=None, segment_ids=None):
-        """With targets: the summed cross-entropy over supervised positions (the caller divides by the
-        token count, so gradient accumulation and DDP can normalise by the global count).
+        """With targets (a batch padded on the right, as data.collate makes it): the summed cross-entropy over
+        supervised positions (the caller divides by the token count, so gradient accumulation and DDP can
+        normalise by the global count).
         Without: logits (B, T, V). positions and segment_ids come with packed independent turns."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         if positions is None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
-        h = self.llm(self.embed(input_ids, images), positions, attention_mask, segment_ids=segment_ids)
+        # with targets a right-padded batch (data.collate's): its padding carries no loss, so no mask is needed
+        h = self.llm(self.embed(input_ids, images), positions, attention_mask, segment_ids=segment_ids,
+                     right_padded=targets is not None)
         if targets is None:
             return self.llm.lm_head(h)
         supervised = targets != IGNORE_INDEX

@@ -148,8 +148,9 @@ class HFCausalLM(nn.Module):
         from transformers import DynamicCache
         return DynamicCache(config=self.model.config)
 
-    def forward(self, x, positions, key_valid, cache=None, segment_ids=None):
-        """As Decoder.forward: (B, T, C) embeddings -> (B, T, C) final hidden states."""
+    def forward(self, x, positions, key_valid, cache=None, segment_ids=None, right_padded=False):
+        """As Decoder.forward: (B, T, C) embeddings -> (B, T, C) final hidden states (transformers picks its own
+        attention path from the key mask, so right_padded changes nothing)."""
         mask = key_valid.long()
         # packed turns: a custom 4D additive mask, which transformers takes as it is (and so ignores sliding
         # windows, 4096 tokens in Gemma-2, far past glimpse's sequences)

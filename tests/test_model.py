@@ -3,8 +3,8 @@ import torch
 import torch.nn.functional as F
 
 from data import encode_sample, pack_turns
-from model import (IGNORE_INDEX, VLM, ConnectorConfig, Decoder, DecoderConfig, ViTConfig, VLMConfig, attention_mask,
-                   left_pad, sample_next)
+from model import (IGNORE_INDEX, VLM, ConnectorConfig, Decoder, DecoderConfig, ViTConfig, VLMConfig, apply_rope,
+                   attention_mask, left_pad, sample_next)
 from tokenizer import Tokenizer
 
 TEXTS = ['<image>\nwhat color is the circle?', 'red', 'how many objects are there?', 'two',
@@ -77,6 +77,49 @@ def test_an_unknown_connector_names_every_choice():
     from model import build_connector
     with pytest.raises(ValueError, match="'mlp', 'pixel_shuffle', 'pixel_shuffle_linear' or 'bridge'"):
         build_connector(ConnectorConfig(kind='perceiver'))
+
+
+def test_unmasked_causal_training_path_equals_the_masked_reference():
+    """A right-padded training batch runs without a mask (is_causal, grouped-query heads shared in the kernel):
+    its loss and every gradient equal those of the explicit causal-and-padding mask with K and V repeated."""
+    model, tok = tiny_vlm()
+    model.train()
+    n = model.num_image_tokens
+    encoded = [encode_sample(tok, c, n, 512) for c in (conversation('red'), conversation('two')[:2])]
+    T = max(len(e[0]) for e in encoded)
+    ids, targets = torch.full((2, T), tok.pad_id), torch.full((2, T), IGNORE_INDEX)
+    mask = torch.zeros((2, T), dtype=torch.bool)
+    for b, (i, t, *_) in enumerate(encoded):
+        ids[b, :len(i)], targets[b, :len(i)], mask[b, :len(i)] = torch.tensor(i), torch.tensor(t), True
+    imgs = images(2)
+
+    def grads(loss):
+        model.zero_grad()
+        loss.backward()
+        return {k: p.grad.clone() for k, p in model.named_parameters()}
+
+    fast = model(ids, imgs, mask, targets)  # the training path
+    fast_grads = grads(fast)
+
+    def reference_attention(self, x, cos, sin, m, cache=None):  # the explicit mask, K and V repeated per head
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        rep = self.n_head // self.n_kv_head
+        y = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1),
+                                           attn_mask=attention_mask(mask, T))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    from unittest import mock
+    from model import Attention
+    with mock.patch.object(Attention, 'forward', reference_attention):
+        ref = model(ids, imgs, mask, targets)
+        ref_grads = grads(ref)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for k in ref_grads:
+        torch.testing.assert_close(fast_grads[k], ref_grads[k], rtol=1e-4, atol=1e-6)
 
 
 def test_placeholder_count_must_match_image_embeddings():
