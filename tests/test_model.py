@@ -210,21 +210,32 @@ def test_decoder_matches_transformers_llama():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
+def packed_loss(model, tok, turns, img):
+    """(summed loss, ids, targets, positions, segment ids) of a conversation packed with isolated turns."""
+    ids, tg, pos, seg, _ = encode_sample(tok, turns, model.num_image_tokens, 512, isolate_turns=True)
+    loss = model(torch.tensor([ids]), img, targets=torch.tensor([tg]), positions=torch.tensor([pos]),
+                 segment_ids=torch.tensor([seg]))
+    return loss, ids, tg, pos, seg
+
+
+def alone_loss(model, tok, turns, img):
+    """(summed loss, encoding) of one conversation in its own sequence."""
+    one = encode_sample(tok, turns, model.num_image_tokens, 512)
+    return model(torch.tensor([one[0]]), img, targets=torch.tensor([one[1]])), one
+
+
 @torch.no_grad()
 def test_isolated_turns_score_each_answer_as_if_asked_alone():
     """Packed (shared image prefix, one segment per question) == each question in its own sequence."""
     model, tok = tiny_vlm()
     n = model.num_image_tokens
     turns = conversation('red') + [{'role': 'user', 'content': TEXTS[2]}, {'role': 'assistant', 'content': 'two'}]
-    ids, tg, pos, seg, _ = encode_sample(tok, turns, n, 512, isolate_turns=True)
     img = images(1)
-    packed = model(torch.tensor([ids]), img, targets=torch.tensor([tg]), positions=torch.tensor([pos]),
-                   segment_ids=torch.tensor([seg]))
+    packed, ids, tg, pos, seg = packed_loss(model, tok, turns, img)
     alone = 0.0
     for k in range(0, len(turns), 2):
         q = turns[k]['content'] if k == 0 else '<image>\n' + turns[k]['content']
-        one = encode_sample(tok, [{'role': 'user', 'content': q}, turns[k + 1]], n, 512)
-        alone = alone + model(torch.tensor([one[0]]), img, targets=torch.tensor([one[1]]))
+        alone = alone + alone_loss(model, tok, [{'role': 'user', 'content': q}, turns[k + 1]], img)[0]
     torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
     # without isolation the later answers see the earlier ones, and the loss differs
     chained = encode_sample(tok, turns, n, 512)
@@ -240,18 +251,15 @@ def test_isolated_turns_with_a_system_turn_or_text_before_the_image(head, lead):
     """Each pair, packed, scores as it would alone: after the system turn, and after the first turn's text up
     to the image (before, a leading system turn paired the turns wrongly and the text moved later positions)."""
     model, tok = tiny_vlm()
-    n = model.num_image_tokens
     qa = conversation('red') + [{'role': 'user', 'content': TEXTS[2]}, {'role': 'assistant', 'content': 'two'}]
     turns = head + [dict(qa[0], content=lead + qa[0]['content'])] + qa[1:]
-    ids, tg, pos, seg, _ = encode_sample(tok, turns, n, 512, isolate_turns=True)
     img = images(1)
-    packed = model(torch.tensor([ids]), img, targets=torch.tensor([tg]), positions=torch.tensor([pos]),
-                   segment_ids=torch.tensor([seg]))
+    packed, ids, tg, pos, seg = packed_loss(model, tok, turns, img)
     alone = 0.0
     for k in range(0, len(qa), 2):
         q = lead + qa[k]['content'] if k == 0 else lead + '<image>\n' + qa[k]['content']
-        one = encode_sample(tok, head + [{'role': 'user', 'content': q}, qa[k + 1]], n, 512)
-        alone = alone + model(torch.tensor([one[0]]), img, targets=torch.tensor([one[1]]))
+        loss, one = alone_loss(model, tok, head + [{'role': 'user', 'content': q}, qa[k + 1]], img)
+        alone = alone + loss
         mine = [i for i, s in enumerate(seg) if s == k // 2 + 1]  # the pair's own tokens: as alone, same positions
         assert [ids[i] for i in mine] == one[0][-len(mine):] and [pos[i] for i in mine] == one[2][-len(mine):]
     torch.testing.assert_close(packed, alone, rtol=1e-6, atol=1e-5)
