@@ -271,9 +271,9 @@ def export(src, dst, checkpoint='ckpt.pt', trust_remote_code=False):
 
 if __name__ == '__main__':
     args = [a for a in sys.argv[1:] if not a.startswith('--')]
-    flags = dict(a[2:].split('=', 1) for a in sys.argv[1:] if a.startswith('--') and '=' in a)
-    unknown = set(flags) - {'checkpoint', 'trust_remote_code'} or {a for a in sys.argv[1:] if a.startswith('--') and '=' not in a}
-    if len(args) != 2 or unknown:
-        raise SystemExit('usage: python export.py <out_dir> <export_dir> [--checkpoint=ckpt.pt] [--trust_remote_code=True]')
-    target = export(args[0], args[1], flags.get('checkpoint', 'ckpt.pt'), flags.get('trust_remote_code') == 'True')
+    flags = dict(a[2:].partition('=')[::2] for a in sys.argv[1:] if a.startswith('--'))
+    if len(args) != 2 or set(flags) - {'checkpoint', 'trust_remote_code'}:
+        raise SystemExit('usage: python export.py <out_dir> <export_dir> [--checkpoint=ckpt.pt] [--trust_remote_code]')
+    # --trust_remote_code: a hf_vlm run whose model needs its own code (only for a model you trust)
+    target = export(args[0], args[1], flags.get('checkpoint') or 'ckpt.pt', 'trust_remote_code' in flags)
     print(f'exported {args[0]} as {target} to {args[1]}: load it with AutoModelForImageTextToText and AutoProcessor')
