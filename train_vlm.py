@@ -17,6 +17,7 @@ from contextlib import nullcontext
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
 
 from checkpoint import ModelSpec, build_model, load_checkpoint, raw_state_dict, save_checkpoint, trained_state_dict
 from configurator import apply_config
@@ -24,8 +25,8 @@ from data import DataOrder, VLMDataset, step_batches
 from lora import DEFAULT_TARGETS
 from model import IGNORE_INDEX, training_flops_per_sample
 from training import (MetricsLogger, caption_scores, checkpoint_due, finish_distributed, lr_at, make_optimizer,
-                      measure_peak_flops, optimizer_step, precision, qa_accuracy, rng_states_of_all_ranks, set_lr,
-                      set_rng_state, setup_training, val_loss)
+                      measure_peak_flops, muon_ns_dtype, optimizer_step, precision, qa_accuracy,
+                      rng_states_of_all_ranks, set_lr, set_rng_state, setup_training, val_loss)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -92,7 +93,8 @@ min_lr = 1e-4
 vision_lr = 0.0  # per-component peak learning rates; 0 = learning_rate (all follow the same schedule)
 connector_lr = 0.0
 llm_lr = 0.0
-optimizer = 'adamw'  # 'adamw', or on CUDA bitsandbytes' 'adamw8bit' or 'paged_adamw'
+optimizer = 'adamw'  # 'adamw'; 'muon' (Muon for hidden weight matrices, AdamW for the rest); or on CUDA
+                     # bitsandbytes' 'adamw8bit' or 'paged_adamw'
 warmup_iters = 100
 weight_decay = 0.1
 beta1 = 0.9
@@ -108,6 +110,7 @@ eval_captions = 0  # val images captioned at each eval and scored with BLEU-4 an
 early_stop_patience = 0  # stop after this many evals without a lower val loss (0 = never stop early)
 checkpoint_minutes = 30.0  # also write ckpt.pt once this much training has passed since the last one (0 = at evals only)
 log_interval = 10
+progress = True  # on a terminal, a progress bar: iteration, loss, images/s, time left
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = measure a large matmul at start
 wandb_log = False
 wandb_project = 'glimpse'
@@ -149,7 +152,8 @@ if master:
 
 lr_scales = {part: lr / learning_rate for part, lr in
              (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales)
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales,
+                           muon_ns_dtype(device_type, dtype))
 order = DataOrder(len(train_set), seed)
 iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
 evals_since_best = 0  # for early stopping
@@ -197,6 +201,10 @@ loader = step_batches(train_set, order, batch_size, grad_accum, world_size, rank
                       num_workers)
 if resume_rng is not None:  # after all start-up work that draws (model init, the loader workers' seeds)
     set_rng_state(resume_rng[min(rank, len(resume_rng) - 1)] if isinstance(resume_rng, list) else resume_rng)
+bar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True,
+           disable=None if master and progress else True)  # None: shown on a terminal only, not in a log file
+say = tqdm.write  # prints above the bar
+curves = None  # out_dir/training_curves.png once drawn (needs matplotlib)
 dt_window = 0.0
 tokens_text = tokens_img = images_seen = 0
 flops_done = 0.0
@@ -214,19 +222,20 @@ while True:
     if timed:
         if master:
             save(os.path.join(out_dir, 'ckpt.pt'), rngs)
-            print(f'saved {out_dir}/ckpt.pt ({checkpoint_minutes:g} min of training since the last checkpoint)')
+            say(f'saved {out_dir}/ckpt.pt ({checkpoint_minutes:g} min of training since the last checkpoint)')
         saved_at = train_time
     if evaluating:
         if master:
             loss, acc, n, captions = evaluate()
-            print(f'eval iter {iter_num}: val loss {loss:.4f} (perplexity {math.exp(loss):.2f})' +
-                  (f', accuracy on {n} val questions ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items()))
-                   if n else '') + ''.join(f', {k} {v:.3f}' for k, v in captions.items()) +
-                  f' ({train_time / 60:.1f} min trained)')
+            say(f'eval iter {iter_num}: val loss {loss:.4f} (perplexity {math.exp(loss):.2f})' +
+                (f', accuracy on {n} val questions ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items()))
+                 if n else '') + ''.join(f', {k} {v:.3f}' for k, v in captions.items()) +
+                f' ({train_time / 60:.1f} min trained)')
             logger.log({'iter': iter_num, 'train_minutes': train_time / 60, 'val_loss': loss,
                         'perplexity': math.exp(loss), 'accuracy': acc, **captions},
                        {'val/loss': loss, 'val/perplexity': math.exp(loss), **{f'val/{k}': v for k, v in captions.items()},
                         **{f'val/acc_{k}': v for k, v in acc.items()}})
+            curves = logger.plot() or curves
             improved = loss < best_val
             best_val = min(best_val, loss)
             evals_since_best = 0 if improved else evals_since_best + 1
@@ -234,10 +243,10 @@ while True:
                 save(os.path.join(out_dir, 'ckpt.pt'), rngs)  # the latest state, to resume from
                 if improved:
                     save(os.path.join(out_dir, 'best.pt'), rngs)
-                print(f'saved {out_dir}/ckpt.pt' + (' and best.pt' if improved else ''))
+                say(f'saved {out_dir}/ckpt.pt' + (' and best.pt' if improved else ''))
                 saved_at = train_time
             if early_stop_patience and evals_since_best >= early_stop_patience:
-                print(f'early stop: val loss has not improved on {best_val:.4f} for {evals_since_best} evals')
+                say(f'early stop: val loss has not improved on {best_val:.4f} for {evals_since_best} evals')
                 stop = True
         if ddp:  # rank 0 decides; every rank leaves the loop at the same iteration
             flag = torch.tensor(float(stop), device=device)
@@ -279,6 +288,7 @@ while True:
     optimizer_step(model, optimizer, scaler, grad_clip)
     iter_num += 1
     dt_window += time.perf_counter() - t_step
+    bar.update()
 
     if iter_num % log_interval == 0:
         if ddp:
@@ -287,12 +297,14 @@ while True:
     if iter_num % log_interval == 0 and master:
         dt, train_time, dt_window = dt_window, train_time + dt_window, 0.0
         logger.log({'iter': iter_num, 'loss': step_loss, 'lr': lr}, {'train/loss': step_loss, 'lr': lr})
-        print(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {tokens_text * world_size / dt:.0f} text tok/s, '
-              f'{tokens_img * world_size / dt:.0f} image tok/s, {images_seen * world_size / dt:.1f} img/s, '
-              f'MFU {flops_done / dt / peak:.1%}' + (f', {dict(stats)}' if stats else ''))
+        bar.set_postfix_str(f'loss {step_loss:.3f}, {images_seen * world_size / dt:.1f} img/s', refresh=False)
+        say(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {tokens_text * world_size / dt:.0f} text tok/s, '
+            f'{tokens_img * world_size / dt:.0f} image tok/s, {images_seen * world_size / dt:.1f} img/s, '
+            f'MFU {flops_done / dt / peak:.1%}' + (f', {dict(stats)}' if stats else ''))
         tokens_text = tokens_img = images_seen = 0
         flops_done = 0.0
 
+bar.close()
 if master:
     print(f'{iter_num} iterations, {train_time / 60:.1f} min of training')
     # weights only (no optimizer or data state): the best checkpoint's model (or, for a LoRA run, what it
@@ -311,6 +323,8 @@ if master:
         print(f'held-out test accuracy on {n} questions: ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items())))
         with open(os.path.join(out_dir, 'test_accuracy.json'), 'w') as f:
             json.dump({'questions': n, 'accuracy': acc, 'iter': iter_num, 'train_minutes': train_time / 60}, f)
+    if curves:
+        print(f'training curves: {curves}')
 logger.close()
 if ddp:
     finish_distributed()  # rank 0 may still be testing: leave together
