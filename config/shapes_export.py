@@ -6,3 +6,10 @@ out_dir = 'out/shapes_export'
 connector = 'pixel_shuffle_linear'
 image_layout = 'idefics3'
 patch_overlap = 0
+# the dataset's own 64px (the exported processor resizes nothing) and the AdamW recipe its figures were measured with
+image_size = 64
+pixel_shuffle_factor = 2
+optimizer = 'adamw'
+learning_rate = 1e-3
+min_lr = 1e-4
+warmup_iters = 100

@@ -15,7 +15,8 @@ vision = 'out/shapes'  # the tower of the shapes recipe's run (or a train_siglip
 vision_mode = 'frozen'
 out_dir = 'out/shapes_smollm2_align'
 data_dir = 'data/shapes'
-# the default recipe's connector (pixel shuffle to 16 tokens of SmolLM2's width, 576)
+# the default recipe's connector (one token per grid cell, 9 of SmolLM2's width, 576)
+pixel_shuffle_factor = 3
 isolate_turns = True
 patch_overlap = 4
 # SmolLM2 costs ~30x the default decoder per token on a CPU: small steps, and each image keeps only the

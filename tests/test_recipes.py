@@ -111,6 +111,18 @@ def test_cifar10_recipes_siglip_stage_then_qlora_vlm(tmp_path):
     assert not any(k.startswith('vision_tower.') for k in ckpt['model'])  # the stage-1 tower, frozen
 
 
+def test_shapes_default_recipe_one_token_per_cell_and_muon(shapes_dir, tmp_path):
+    """config/shapes.py as the Quick start runs it: the 64px scenes resized to 72, one image token per grid cell
+    (9x9 patches, 3x3 pixel shuffle), Muon for the hidden matrices."""
+    p, ckpt = recipe('config/shapes.py', shapes_dir, tmp_path / 'out', '--test_at_end=False')
+    assert '9 image tokens' in p.stdout
+    cfg = ckpt['model_config']
+    assert cfg['vision']['image_size'] == 72 and cfg['connector']['scale_factor'] == 3
+    muon, adamw = ckpt['optimizer']['muon_adamw']
+    assert len(muon['param_groups'][0]['params']) == 4 * 4 + 4 * 7 + 2  # ViT and decoder matrices, connector MLP
+    assert (tmp_path / 'out' / 'training_curves.png').exists() == bool(__import__('importlib').util.find_spec('matplotlib'))
+
+
 def test_shapes_bridge_recipe(shapes_dir, tiny_run, tmp_path):
     """config/shapes_bridge.py: a shapes run's tower and LLM stay frozen; only the bridge trains."""
     p, ckpt = recipe('config/shapes_bridge.py', shapes_dir, tmp_path / 'out', f'--vision={tiny_run}',
