@@ -288,13 +288,16 @@ def muon_ns_dtype(device_type, dtype):
 
 class MuonAdamW:
     """Muon for the hidden weight matrices, AdamW for the rest: one optimizer to the training loop.
-    param_groups holds both optimizers' groups, so set_lr reaches every one."""
+    param_groups lists both optimizers' groups, so set_lr reaches every one."""
 
     def __init__(self, hidden_groups, other_groups, lr, betas, device_type, ns_dtype=torch.float32):
         self.optimizers = [Muon(hidden_groups, lr=lr, ns_dtype=ns_dtype)]
         if other_groups:
             self.optimizers.append(torch.optim.AdamW(other_groups, lr=lr, betas=betas, fused=device_type == 'cuda'))
-        self.param_groups = [g for o in self.optimizers for g in o.param_groups]
+
+    @property
+    def param_groups(self):  # read anew each time: load_state_dict gives each optimizer new group dicts
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self):
         for o in self.optimizers:

@@ -110,7 +110,7 @@ def test_muon_state_round_trips_through_a_checkpoint():
 
     import torch
 
-    from training import make_optimizer
+    from training import make_optimizer, set_lr
     x = torch.randint(0, 64, (256,))
 
     def steps(model, opt, n):
@@ -129,6 +129,8 @@ def test_muon_state_round_trips_through_a_checkpoint():
     steps(b, opt_b, 2)
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(p, q), n
+    set_lr(opt_b, 3e-3)  # the schedule, after a resume, reaches both optimizers' groups
+    assert [g['lr'] for o in opt_b.optimizers for g in o.param_groups] == [3e-3] * len(opt_b.param_groups) != []
     with __import__('pytest').raises(SystemExit, match='optimizer'):
         opt_b.load_state_dict(torch.optim.AdamW(a.parameters()).state_dict())
 
