@@ -111,6 +111,7 @@ early_stop_patience = 0  # stop after this many evals without a lower val loss (
 checkpoint_minutes = 30.0  # also write ckpt.pt once this much training has passed since the last one (0 = at evals only)
 log_interval = 10
 progress = True  # on a terminal, a progress bar: iteration, loss, images/s, time left
+plot_curves = True  # out_dir/training_curves.png at each eval (needs matplotlib; without it, nothing)
 peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = measure a large matmul at start
 wandb_log = False
 wandb_project = 'glimpse'
@@ -235,7 +236,7 @@ while True:
                         'perplexity': math.exp(loss), 'accuracy': acc, **captions},
                        {'val/loss': loss, 'val/perplexity': math.exp(loss), **{f'val/{k}': v for k, v in captions.items()},
                         **{f'val/acc_{k}': v for k, v in acc.items()}})
-            curves = logger.plot() or curves
+            curves = (logger.plot() if plot_curves else None) or curves
             improved = loss < best_val
             best_val = min(best_val, loss)
             evals_since_best = 0 if improved else evals_since_best + 1

@@ -10,7 +10,8 @@ sys.path.insert(0, ROOT)
 # a model small enough that a training step takes milliseconds
 TINY = ['--vit_layers=1', '--vit_width=32', '--vit_heads=2', '--llm_layers=2', '--llm_width=32',
         '--llm_heads=4', '--llm_kv_heads=2', '--llm_mlp_width=64', '--device=cpu', '--compile=False',
-        '--eval_questions=20', '--val_batches=1', '--log_interval=1', '--peak_flops=1e12']
+        '--eval_questions=20', '--val_batches=1', '--log_interval=1', '--peak_flops=1e12',
+        '--plot_curves=False']
 
 
 def run(args, env_extra=None, check=True, input=None):

@@ -12,7 +12,8 @@ from test_pretrained import save_tiny as save_tiny_llm
 from test_vision_backbones import save_tiny as save_tiny_vision
 
 SMOKE = ['--device=cpu', '--compile=False', '--num_workers=0', '--max_iters=2', '--eval_interval=2', '--batch_size=2',
-         '--grad_accum=1', '--warmup_iters=1', '--val_batches=1', '--peak_flops=1e12', '--log_interval=1']
+         '--grad_accum=1', '--warmup_iters=1', '--val_batches=1', '--peak_flops=1e12', '--log_interval=1',
+         '--plot_curves=False']
 
 
 @pytest.fixture(scope='module')
@@ -114,7 +115,7 @@ def test_cifar10_recipes_siglip_stage_then_qlora_vlm(tmp_path):
 def test_shapes_default_recipe_one_token_per_cell_and_muon(shapes_dir, tmp_path):
     """config/shapes.py as the Quick start runs it: the 64px scenes resized to 72, one image token per grid cell
     (9x9 patches, 3x3 pixel shuffle), Muon for the hidden matrices."""
-    p, ckpt = recipe('config/shapes.py', shapes_dir, tmp_path / 'out', '--test_at_end=False')
+    p, ckpt = recipe('config/shapes.py', shapes_dir, tmp_path / 'out', '--test_at_end=False', '--plot_curves=True')
     assert '9 image tokens' in p.stdout
     cfg = ckpt['model_config']
     assert cfg['vision']['image_size'] == 72 and cfg['connector']['scale_factor'] == 3
