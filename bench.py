@@ -23,7 +23,7 @@ from checkpoint import ModelSpec, build_model
 from configurator import apply_config, script_defaults
 from data import DataOrder, VLMDataset, collate
 from model import IGNORE_INDEX, training_flops_per_sample
-from training import (autocast_context, make_optimizer, measure_peak_flops, muon_ns_dtype, optimizer_step,
+from training import (autocast_context, make_optimizer, measure_peak_flops, optimizer_step,
                       pick_device, pick_dtype, seed_everything)
 
 globals().update(script_defaults('train_vlm.py'))  # the same keys and defaults as training
@@ -47,7 +47,7 @@ n_img = model.num_image_tokens
 lr_scales = {part: lr / learning_rate for part, lr in
              (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales,
-                           muon_ns_dtype(device_type, dtype))
+                           dtype)
 scaler = torch.amp.GradScaler(enabled=dtype == 'float16')
 step_model = torch.compile(model) if compile else model
 order = DataOrder(len(train_set), seed)

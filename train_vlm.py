@@ -25,7 +25,7 @@ from data import DataOrder, VLMDataset, step_batches
 from lora import DEFAULT_TARGETS
 from model import IGNORE_INDEX, training_flops_per_sample
 from training import (MetricsLogger, caption_scores, checkpoint_due, finish_distributed, lr_at, make_optimizer,
-                      measure_peak_flops, muon_ns_dtype, optimizer_step, precision, qa_accuracy,
+                      measure_peak_flops, optimizer_step, precision, qa_accuracy,
                       rng_states_of_all_ranks, set_lr, set_rng_state, setup_training, val_loss)
 
 # -----------------------------------------------------------------------------
@@ -154,7 +154,7 @@ if master:
 lr_scales = {part: lr / learning_rate for part, lr in
              (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales,
-                           muon_ns_dtype(device_type, dtype))
+                           dtype)
 order = DataOrder(len(train_set), seed)
 iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
 evals_since_best = 0  # for early stopping

@@ -192,11 +192,12 @@ NO_DECAY = ('pos_embed', 'position_embedding', 'cls_token', 'class_embedding', '
 
 
 def make_optimizer(model, learning_rate, weight_decay, betas, device_type, optimizer='adamw', lr_scales=None,
-                   ns_dtype=torch.float32):
+                   dtype='float32'):
     """AdamW over the trainable parameters; weight decay on weight matrices only: not on norms and biases, nor on
     the learned tokens and positions of a tower (NO_DECAY: as timm and DINOv2 train them). lr_scales
     {'llm': 0.1, ...}: a component's learning rate relative to the schedule's (each group keeps its 'lr_scale').
-    optimizer 'muon': Muon for the hidden weight matrices, its Newton-Schulz in ns_dtype (MuonAdamW);
+    optimizer 'muon': Muon for the hidden weight matrices (MuonAdamW; its Newton-Schulz in bf16 on CUDA and
+    in bf16 runs (dtype), else fp32);
     'adamw8bit' / 'paged_adamw': bitsandbytes, CUDA only."""
     if optimizer not in ('adamw', 'muon', 'adamw8bit', 'paged_adamw'):
         raise GlimpseError(f"config error: --optimizer={optimizer!r}: use 'adamw', 'muon', 'adamw8bit' or 'paged_adamw'")
@@ -214,6 +215,7 @@ def make_optimizer(model, learning_rate, weight_decay, betas, device_type, optim
     if optimizer == 'muon':
         hidden = [g for (_, _, muon), g in groups.items() if muon]
         rest = [g for (_, _, muon), g in groups.items() if not muon]
+        ns_dtype = torch.bfloat16 if device_type == 'cuda' or dtype == 'bfloat16' else torch.float32
         return MuonAdamW(hidden, rest, learning_rate, betas, device_type, ns_dtype)
     groups = list(groups.values())
     if optimizer == 'adamw':
@@ -278,12 +280,6 @@ class Muon(torch.optim.Optimizer):
                 direction = orthogonalize(p.grad.lerp(buf, mu), group['ns_steps'], self.ns_dtype)  # Nesterov
                 p.mul_(1 - lr * group['weight_decay'])
                 p.add_(direction.to(p.dtype), alpha=-lr * 0.2 * math.sqrt(max(p.shape)))
-
-
-def muon_ns_dtype(device_type, dtype):
-    """The precision of Muon's Newton-Schulz matmuls: bf16 on CUDA and where the run trains in bf16 (the CPU
-    has native bf16), else fp32."""
-    return torch.bfloat16 if device_type == 'cuda' or dtype == 'bfloat16' else torch.float32
 
 
 class MuonAdamW:
