@@ -8,8 +8,9 @@ model train_vlm.py would train: the same keys and defaults, built by the same ch
     python bench.py config/shapes_smollm2.py
 
 Warm-up steps, then the median of bench_iters timed steps. Prints text tokens/s, samples/s,
-MFU (FLOPs counted from the model config against peak_flops, or a measured matmul peak) and
-peak memory (CUDA allocator, or the process's peak RSS on CPU).
+MFU (FLOPs counted from the model config against peak_flops, a known GPU's bf16 peak, or a warm matmul
+peak measured here), peak memory (CUDA allocator, or the process's peak RSS on CPU) and the attention kernels
+the step ran (flash, cuDNN, efficient, math: read from the profiler, forward calls per step).
 """
 import functools
 import resource
@@ -22,9 +23,10 @@ import torch
 from checkpoint import ModelSpec, build_model
 from configurator import apply_config, script_defaults
 from data import DataOrder, VLMDataset, collate
-from model import IGNORE_INDEX, training_flops_per_sample
-from training import (autocast_context, make_optimizer, measure_peak_flops, optimizer_step,
-                      pick_device, pick_dtype, seed_everything)
+from lora import adapter_params
+from model import IGNORE_INDEX
+from training import (attention_kernels, autocast_context, device_peak_flops, make_optimizer, mfu_text, optimizer_step,
+                      pick_device, pick_dtype, seed_everything, step_flops)
 
 globals().update(script_defaults('train_vlm.py'))  # the same keys and defaults as training
 bench_iters = 20
@@ -53,16 +55,16 @@ step_model = torch.compile(model) if compile else model
 order = DataOrder(len(train_set), seed)
 batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, isolate_turns=isolate_turns)
            for _ in range(grad_accum)]
-# per batch: samples, image tokens, text tokens (counted as train_vlm.py counts them)
-counts = [(len(b['input_ids']), int((b['input_ids'] == model_cfg.image_token_id).sum()), int(b['attention_mask'].sum()))
-          for b in batches]
+# per batch: samples, image tokens, tokens, supervised tokens (counted as train_vlm.py counts them)
+counts = [(len(b['input_ids']), int((b['input_ids'] == model_cfg.image_token_id).sum()), int(b['attention_mask'].sum()),
+           int((b['targets'] != IGNORE_INDEX).sum())) for b in batches]
 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 n_samples, n_image = sum(c[0] for c in counts), sum(c[1] for c in counts)
 n_text = sum(c[2] for c in counts) - n_image
-flops = sum(training_flops_per_sample(model_cfg, (t - i) / B, i / B, vision_mode == 'full', llm_mode == 'full') * B
-            for B, i, t in counts)
-n_sup = sum(int((b['targets'] != IGNORE_INDEX).sum()) for b in batches)
-peak = peak_flops or measure_peak_flops(device, dtype)
+lora_params = (0, 0) if hf_vlm else (adapter_params(model.vision_tower), adapter_params(model.llm))
+flops = step_flops(model_cfg, counts, vision_mode, llm_mode, lora_params, head_on_supervised=not hf_vlm)
+n_sup = sum(c[3] for c in counts)
+peak = peak_flops or device_peak_flops(device, dtype)
 
 
 def sync():
@@ -70,18 +72,23 @@ def sync():
         torch.cuda.synchronize()
 
 
-times = []
-for i in range(bench_warmup + bench_iters):
-    sync()
-    t = time.perf_counter()
+def step():
     for b in batches:
         with amp():
             loss = step_model(**b) / n_sup
         scaler.scale(loss).backward()
     optimizer_step(model, optimizer, scaler, grad_clip)
+
+
+times = []
+for i in range(bench_warmup + bench_iters):
+    sync()
+    t = time.perf_counter()
+    step()
     sync()
     if i >= bench_warmup:
         times.append(time.perf_counter() - t)
+kernels = attention_kernels(step)  # one more step, profiled (after the timed ones: the profiler slows it)
 
 dt = statistics.median(times)
 if device_type == 'cuda':
@@ -95,5 +102,6 @@ print(f'{device} {dtype}, batch {batch_size} x {grad_accum}, {counts["total"]:,}
       f'{n_text / n_samples:.0f} text tokens per sample')
 print(f'step {dt * 1000:.1f} ms (median of {bench_iters}, min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}) | '
       f'{n_text / dt:.0f} text tok/s | {(n_text + n_image) / dt:.0f} tok/s with image tokens | '
-      f'{n_samples / dt:.1f} samples/s | {flops / dt / 1e9:.1f} GFLOP/s, MFU {flops / dt / peak:.1%} '
+      f'{n_samples / dt:.1f} samples/s | {flops / dt / 1e9:.1f} GFLOP/s, {mfu_text(flops / dt, peak)} '
       f'of {peak / 1e9:.0f} GFLOP/s | {memory}')
+print('attention kernels (forward calls a step): ' + (', '.join(f'{k} x{n}' for k, n in kernels.items()) or 'none'))

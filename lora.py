@@ -159,12 +159,17 @@ def apply_lora(model, targets=DEFAULT_TARGETS, r=16, alpha=32, dropout=0.0, rslo
                 m.float()
     if not wrapped:
         raise ValueError(f'apply_lora: no linear layer of {type(model).__name__} matches targets {list(targets)}')
-    lora_params = sum(p.numel() for n, p in model.named_parameters() if 'lora_' in n)
+    lora_params = adapter_params(model)
     if verbose:
         print(f"{'QLoRA (' + quantize + ')' if quantize else 'LoRA'} r={r}: wrapped {len(wrapped)} modules of "
               f'{type(model).__name__}; trainable {lora_params:,} of {total_before + lora_params:,} parameters '
               f'({lora_params / (total_before + lora_params):.2%})')
     return wrapped
+
+
+def adapter_params(module):
+    """How many LoRA adapter parameters module holds (0 without LoRA)."""
+    return sum(p.numel() for n, p in module.named_parameters() if 'lora_' in n)
 
 
 def lora_modules(model):

@@ -22,11 +22,11 @@ from tqdm import tqdm
 from checkpoint import ModelSpec, build_model, load_checkpoint, raw_state_dict, save_checkpoint, trained_state_dict
 from configurator import apply_config
 from data import DataOrder, VLMDataset, step_batches
-from lora import DEFAULT_TARGETS
-from model import IGNORE_INDEX, training_flops_per_sample
-from training import (MetricsLogger, caption_scores, checkpoint_due, finish_distributed, lr_at, make_optimizer,
-                      measure_peak_flops, optimizer_step, precision, qa_accuracy,
-                      rng_states_of_all_ranks, set_lr, set_rng_state, setup_training, val_loss)
+from lora import DEFAULT_TARGETS, adapter_params
+from model import IGNORE_INDEX
+from training import (MetricsLogger, caption_scores, checkpoint_due, device_peak_flops, finish_distributed, lr_at,
+                      make_optimizer, mfu_text, optimizer_step, precision, qa_accuracy, rng_states_of_all_ranks,
+                      set_lr, set_rng_state, setup_training, step_flops, val_loss)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -174,7 +174,8 @@ if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 logger = MetricsLogger(out_dir, master, iter_num == 0, wandb_log, wandb_project, wandb_run_name, config,
                        tensorboard_log)
-peak = peak_flops or measure_peak_flops(device, dtype)
+peak = peak_flops or device_peak_flops(device, dtype)
+lora_params = (0, 0) if hf_vlm else (adapter_params(raw_model.vision_tower), adapter_params(raw_model.llm))
 
 
 def evaluate():
@@ -284,8 +285,7 @@ while True:
         tokens_text += n_text
         tokens_img += n_image
         images_seen += B
-        flops_done += training_flops_per_sample(model_cfg, n_text / B, n_image / B, vision_mode == 'full',
-                                                llm_mode == 'full') * B
+    flops_done += step_flops(model_cfg, counts, vision_mode, llm_mode, lora_params, head_on_supervised=not hf_vlm)
     optimizer_step(model, optimizer, scaler, grad_clip)
     iter_num += 1
     dt_window += time.perf_counter() - t_step
@@ -300,8 +300,8 @@ while True:
         logger.log({'iter': iter_num, 'loss': step_loss, 'lr': lr}, {'train/loss': step_loss, 'lr': lr})
         bar.set_postfix_str(f'loss {step_loss:.3f}, {images_seen * world_size / dt:.1f} img/s', refresh=False)
         say(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {tokens_text * world_size / dt:.0f} text tok/s, '
-            f'{tokens_img * world_size / dt:.0f} image tok/s, {images_seen * world_size / dt:.1f} img/s, '
-            f'MFU {flops_done / dt / peak:.1%}' + (f', {dict(stats)}' if stats else ''))
+            f'{tokens_img * world_size / dt:.0f} image tok/s, {images_seen * world_size / dt:.1f} img/s, ' +
+            mfu_text(flops_done / dt, peak) + (f', {dict(stats)}' if stats else ''))
         tokens_text = tokens_img = images_seen = 0
         flops_done = 0.0
 

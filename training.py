@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from data import CAPTION_PROMPT, collate
 from errors import GlimpseError
-from model import IGNORE_INDEX
+from model import IGNORE_INDEX, training_flops_per_sample
 
 # -----------------------------------------------------------------------------
 # device, precision, distributed
@@ -106,23 +106,88 @@ def finish_distributed():
     os._exit(0)
 
 
-def measure_peak_flops(device, dtype, n=2048, reps=5):
-    """Achievable matmul FLOP/s on this device and dtype, for MFU when no peak is given."""
+def step_flops(model_cfg, counts, vision_mode, llm_mode, lora_params=(0, 0), head_on_supervised=True):
+    """Training FLOPs of micro-batches, each counted as (samples, image tokens, tokens, supervised tokens):
+    model.training_flops_per_sample per sample. head_on_supervised: the LM head runs only where there is a
+    loss (glimpse's VLM; a whole HF VLM computes every logit)."""
+    return sum(training_flops_per_sample(model_cfg, (t - i) / B, i / B, vision_mode, llm_mode,
+                                         s / B if head_on_supervised else None, lora_params) * B
+               for B, i, t, s in counts)
+
+
+# dense bf16 tensor-core peaks (FLOP/s, no sparsity) from the vendors' data sheets, by a part of the CUDA device
+# name; the first match wins (H100 PCIe before H100). MFU on a GPU is quoted against these.
+GPU_BF16_PEAKS = (('H100 PCIe', 756e12), ('H100', 989e12), ('H200', 989e12), ('H800', 989e12), ('B200', 2250e12),
+                  ('GH200', 989e12), ('A100', 312e12), ('A800', 312e12), ('L40S', 362e12), ('L40', 181e12),
+                  ('L4', 121e12), ('A10G', 125e12), ('A10', 125e12), ('RTX 4090', 165e12), ('RTX 3090', 71e12),
+                  ('V100', 125e12), ('T4', 65e12))
+
+
+def measure_peak_flops(device, dtype, n=None, reps=8):
+    """Achievable matmul FLOP/s on this device and dtype: the fastest of reps timed products after two
+    warm-ups (other work on the machine only ever slows a product down, so the fastest is the truest)."""
     dt = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-    if device.startswith('cpu') and dt == torch.float16:
+    cuda = device.startswith('cuda')
+    if not cuda and dt == torch.float16:
         dt = torch.float32
+    n = n or (8192 if cuda else 1536)
     g = torch.Generator(device).manual_seed(0)  # its own: the run's generators draw as if it never ran
     a, b = (torch.randn(n, n, device=device, dtype=dt, generator=g) for _ in range(2))
-    times = []
-    for i in range(reps + 1):
-        if device.startswith('cuda'):
+    best = float('inf')
+    for i in range(reps + 2):
+        if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         a @ b
-        if device.startswith('cuda'):
+        if cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return 2 * n ** 3 / sorted(times[1:])[reps // 2]
+        if i >= 2:
+            best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def device_peak_flops(device, dtype):
+    """The FLOP/s MFU is quoted against: a known GPU's bf16 data-sheet peak, else a warm measurement."""
+    if device.startswith('cuda'):
+        name = torch.cuda.get_device_name(device)
+        for part, peak in GPU_BF16_PEAKS:
+            if part in name:
+                return peak
+    return measure_peak_flops(device, dtype)
+
+
+# the ATen operators behind F.scaled_dot_product_attention, by the kernel each one stands for
+SDPA_KERNELS = (('_scaled_dot_product_flash_attention_for_cpu', 'flash (CPU)'),
+                ('_scaled_dot_product_fused_attention_overrideable', 'fused (device)'),
+                ('_scaled_dot_product_flash_attention', 'flash'), ('_scaled_dot_product_cudnn_attention', 'cuDNN'),
+                ('_scaled_dot_product_efficient_attention', 'efficient'), ('_scaled_dot_product_attention_math', 'math'),
+                ('flex_attention', 'flex'))
+
+
+def attention_kernels(fn):
+    """Run fn() once under the profiler -> {kernel: calls} of the attention kernels it ran (forward only:
+    the backward ops carry _backward names and are not counted)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    used = Counter()
+    for e in prof.key_averages():
+        if e.key.endswith('_backward'):
+            continue
+        for op, kernel in SDPA_KERNELS:
+            if e.key.removeprefix('aten::') == op or (op == 'flex_attention' and op in e.key):
+                used[kernel] += e.count
+                break
+    return dict(used)
+
+
+def mfu_text(flops_per_s, peak):
+    """'MFU 41.2%'; a share outside [0, 1] means the peak is wrong (measured low, or a wrong peak_flops),
+    and is not shown as a figure."""
+    share = flops_per_s / peak
+    if 0 <= share <= 1:
+        return f'MFU {share:.1%}'
+    return f'MFU n/a ({flops_per_s / 1e9:.0f} GFLOP/s is above the peak of {peak / 1e9:.0f}: set peak_flops)'
 
 
 def seed_everything(seed):

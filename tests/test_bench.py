@@ -8,14 +8,19 @@ from data import VLMDataset
 from test_pretrained import save_tiny
 
 
-def test_bench_reports_speed_mfu_and_memory(shapes_dir):
-    p = run([sys.executable, 'bench.py', f'--data_dir={shapes_dir}', *TINY, '--batch_size=8', '--bench_iters=3',
-             '--bench_warmup=1', '--isolate_turns=True'])
-    line = p.stdout.strip().splitlines()[-1]
-    tok_s = float(re.search(r'(\d+) text tok/s', line).group(1))
-    gflops = float(re.search(r'([\d.]+) GFLOP/s, MFU ([\d.]+)%', line).group(1))
-    assert tok_s > 0 and gflops > 0 and 'MiB peak' in line
-    assert 'median of 3' in line
+def test_bench_reports_speed_mfu_memory_and_the_attention_kernel(shapes_dir):
+    """fp32 on a CPU: every attention call (1 ViT + 2 decoder layers) runs SDPA's CPU flash kernel, the causal
+    training batch and the isolated turns' mask alike; bf16 autocast on a CPU picks the math kernel on purpose
+    (training.autocast_context), and the report says so."""
+    for dtype, kernel in (('float32', 'flash (CPU)'), ('bfloat16', 'math')):
+        p = run([sys.executable, 'bench.py', f'--data_dir={shapes_dir}', *TINY, '--batch_size=8', '--bench_iters=3',
+                 '--bench_warmup=1', '--isolate_turns=True', f'--dtype={dtype}'])
+        line, kernels = p.stdout.strip().splitlines()[-2:]
+        tok_s = float(re.search(r'(\d+) text tok/s', line).group(1))
+        gflops = float(re.search(r'([\d.]+) GFLOP/s, MFU ([\d.]+)%', line).group(1))
+        assert tok_s > 0 and gflops > 0 and 'MiB peak' in line
+        assert 'median of 3' in line
+        assert kernels == f'attention kernels (forward calls a step): {kernel} x3'
 
 
 def test_bench_times_the_model_train_vlm_would_train(shapes_dir, tmp_path):

@@ -297,27 +297,36 @@ def test_bridge_kv_cache_generation_equals_recomputation():
     assert len(set(outs[0].flatten().tolist())) > 2
 
 
-@pytest.mark.parametrize('vision_trains,llm_trains,connector', [
-    (True, True, 'pixel_shuffle'), (True, False, 'pixel_shuffle'), (False, False, 'pixel_shuffle'),
-    (False, False, 'bridge'), (False, True, 'bridge'), (True, True, 'pixel_shuffle_linear')])
-def test_training_flops_match_a_flop_counter(vision_trains, llm_trains, connector):
-    """The MFU numerator: the formula against torch's own count of the matmuls of a forward and backward,
-    with frozen parts skipping their weight gradients (and a frozen tower its whole backward)."""
+@pytest.mark.parametrize('vision_mode,llm_mode,connector', [
+    ('full', 'full', 'pixel_shuffle'), ('full', 'frozen', 'pixel_shuffle'), ('frozen', 'frozen', 'pixel_shuffle'),
+    ('frozen', 'lora', 'pixel_shuffle'), ('lora', 'lora', 'pixel_shuffle'), ('frozen', 'frozen', 'bridge'),
+    ('frozen', 'full', 'bridge'), ('full', 'full', 'pixel_shuffle_linear')])
+def test_training_flops_match_a_flop_counter(vision_mode, llm_mode, connector):
+    """The MFU numerator: the formula against torch's own count of the matmuls of a training forward (the LM
+    head only where there is a loss) and backward, for each mode: frozen parts and LoRA bases skip their weight
+    gradients, a frozen tower its whole backward, and the adapters train in full."""
     from torch.utils.flop_counter import FlopCounterMode
+    from lora import apply_lora
     from model import training_flops_per_sample
     torch.manual_seed(0)
     tok = Tokenizer.build('word', TEXTS)
     cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=64),
                     ConnectorConfig(kind=connector, in_dim=64, out_dim=128, scale_factor=2, n_head=4),
-                    DecoderConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,
+                    DecoderConfig(vocab_size=4096, n_layer=2, n_head=4, n_kv_head=2, n_embd=128,  # a head worth counting
                                   intermediate_size=384),
                     image_token_id=tok.image_token_id)
     model = VLM(cfg)
-    model.vision_tower.requires_grad_(vision_trains)
-    model.llm.requires_grad_(llm_trains)
-    ids, _ = tok.encode_chat(conversation(), model.num_image_tokens)
+    for part, mode in ((model.vision_tower, vision_mode), (model.llm, llm_mode)):
+        if mode == 'lora':
+            apply_lora(part, r=8, verbose=False)
+        part.requires_grad_(mode == 'full') if mode != 'lora' else None
+    lora = [sum(p.numel() for n, p in part.named_parameters() if 'lora_' in n)
+            for part in (model.vision_tower, model.llm)]
+    ids, sup = tok.encode_chat(conversation(), model.num_image_tokens)
+    targets = torch.tensor([[t if s else IGNORE_INDEX for t, s in zip(ids[1:], sup[1:])] + [IGNORE_INDEX]] * 2)
+    n_sup = int((targets[0] != IGNORE_INDEX).sum())
     with FlopCounterMode(display=False) as counter:
-        model(torch.tensor([ids, ids]), images(2)).float().logsumexp(-1).sum().backward()
+        model(torch.tensor([ids, ids]), images(2), targets=targets).backward()
     formula = 2 * training_flops_per_sample(cfg, len(ids) - model.num_image_tokens, model.num_image_tokens,
-                                            vision_trains, llm_trains)
-    assert formula == pytest.approx(counter.get_total_flops(), rel=0.1)
+                                            vision_mode, llm_mode, n_supervised=n_sup, lora_params=lora)
+    assert formula == pytest.approx(counter.get_total_flops(), rel=0.05)
