@@ -53,11 +53,12 @@ optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), d
 scaler = torch.amp.GradScaler(enabled=dtype == 'float16')
 step_model = torch.compile(model) if compile else model
 order = DataOrder(len(train_set), seed)
-batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, isolate_turns=isolate_turns)
-           for _ in range(grad_accum)]
+batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, isolate_turns=isolate_turns,
+                   pack=pack_samples) for _ in range(grad_accum)]
 # per batch: samples, image tokens, tokens, supervised tokens (counted as train_vlm.py counts them)
-counts = [(len(b['input_ids']), int((b['input_ids'] == model_cfg.image_token_id).sum()), int(b['attention_mask'].sum()),
-           int((b['targets'] != IGNORE_INDEX).sum())) for b in batches]
+counts = [(len(b.get('images', b['input_ids'])), int((b['input_ids'] == model_cfg.image_token_id).sum()),
+           int(b['attention_mask'].sum()), int((b['targets'] != IGNORE_INDEX).sum())) for b in batches]
+padding = 1 - sum(c[2] for c in counts) / sum(b['input_ids'].numel() for b in batches)  # share of the rows
 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 n_samples, n_image = sum(c[0] for c in counts), sum(c[1] for c in counts)
 n_text = sum(c[2] for c in counts) - n_image
@@ -97,9 +98,11 @@ else:
     memory = f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB peak RSS (process)'
 counts = model.param_counts()
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+rows = sum(len(b['input_ids']) for b in batches)
 print(f'{device} {dtype}, batch {batch_size} x {grad_accum}, {counts["total"]:,} parameters ({trainable:,} trained; '
       f'vision {vision_mode}, llm {llm_mode}), {n_image / n_samples:.0f} image tokens + '
-      f'{n_text / n_samples:.0f} text tokens per sample')
+      f'{n_text / n_samples:.0f} text tokens per sample, {rows} rows{" packed" if pack_samples else ""}, '
+      f'{padding:.1%} padding')
 print(f'step {dt * 1000:.1f} ms (median of {bench_iters}, min {min(times) * 1000:.1f}, max {max(times) * 1000:.1f}) | '
       f'{n_text / dt:.0f} text tok/s | {(n_text + n_image) / dt:.0f} tok/s with image tokens | '
       f'{n_samples / dt:.1f} samples/s | {flops / dt / 1e9:.1f} GFLOP/s, {mfu_text(flops / dt, peak)} '

@@ -23,7 +23,7 @@ from errors import GlimpseError
 from lora import DEFAULT_TARGETS, apply_lora, merge_lora
 from model import VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig, checkpoint_context
 from pretrained import HFCausalLM, HFVLM, blocks_kept, hf_tokenizer_from_files, load_pretrained_llm, load_pretrained_vision
-from tokenizer import Tokenizer
+from tokenizer import HFTokenizer, Tokenizer
 from training import seed_everything
 
 MODES = ('frozen', 'full', 'lora', 'qlora')  # what a part does in training: per part, vision_mode and llm_mode
@@ -56,6 +56,7 @@ class ModelSpec:
     tie_embeddings: bool = True
     tokenizer: str = 'word'
     image_layout: str = 'plain'
+    system_prompt: str = None  # a pretrained LLM's chat: the system turn of every conversation (tokenizer.HFTokenizer)
     # what trains
     vision_mode: str = 'full'
     llm_mode: str = 'full'
@@ -67,6 +68,7 @@ class ModelSpec:
     qlora_quant_type: str = 'nf4'
     qlora_double_quant: bool = True
     grad_checkpointing: bool = False
+    attention: str = 'sdpa'  # masked attention in the native decoder: 'sdpa' or 'flex' (model.Decoder.attention)
     dtype: str = 'auto'  # the run's resolved autocast dtype: QLoRA's compute dtype
     # where the weights before training come from
     init_from: str = 'scratch'
@@ -112,7 +114,9 @@ def tokenizer_from_state(s):
     """A tokenizer from the state() a checkpoint stored: glimpse's word or byte tokenizer, or a pretrained LLM's
     own (its files). A whole Hugging Face VLM's processor comes back with its model (load_run)."""
     if s['kind'] == 'hf':
-        return hf_tokenizer_from_files(s['files'], s.get('image_layout', 'plain'))
+        tok = hf_tokenizer_from_files(s['files'], s.get('image_layout', 'plain'))
+        tok.system_prompt = s.get('system_prompt')
+        return tok
     if s['kind'] == 'hf_processor':
         raise GlimpseError(f"checkpoint error: this run fine-tuned {s['source']}, whose processor comes with the "
                            f"model: load the run with checkpoint.load_run")
@@ -282,8 +286,13 @@ def apply_modes(model, spec):
     if hf_vlm and spec.llm_mode == 'full':  # the output head sits outside the language model in these models
         model.model.get_output_embeddings().requires_grad_(True)
     hf_model = model.model if hf_vlm else model.llm.model if isinstance(model.llm, HFCausalLM) else None
+    if spec.attention not in ('sdpa', 'flex'):
+        raise GlimpseError(f"config error: attention={spec.attention!r}: use 'sdpa' or 'flex'")
     if hf_model is None:
         model.llm.grad_checkpointing = spec.grad_checkpointing
+        model.llm.attention = spec.attention
+    elif spec.attention == 'flex':
+        raise GlimpseError("config error: attention='flex' is the native decoder's; a Hugging Face model picks its own")
     elif spec.grad_checkpointing:  # the Hugging Face model's own block checkpointing
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={'use_reentrant': False, 'context_fn': checkpoint_context})
@@ -371,6 +380,11 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
         vision = load_vision(spec.vision, spec.vision_layer, spec.vision_cls) if spec.vision != 'scratch' else None
         model_cfg = vlm_config(spec, tok, llm, vision[0] if vision else None)
         pretrained = (llm, vision[1] if vision else None)
+    if spec.system_prompt is not None:
+        if not isinstance(tok, HFTokenizer):
+            raise GlimpseError('config error: system_prompt is for a pretrained LLM\'s chat template (llm=...); '
+                               'glimpse\'s own tokenizer writes no system turn')
+        tok.system_prompt = spec.system_prompt
     model, base = build_vlm(model_cfg, spec, device, ckpt, source, pretrained)
     return model, tok, model_cfg, base
 

@@ -347,10 +347,27 @@ def encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns=Fal
     return ids, targets, pos, seg, truncated
 
 
-def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, isolate_turns=False):
+def pack_rows(lengths, capacity):
+    """First fit, in order: sample k goes into the first row with room for it (a new row when none has).
+    -> rows, each a list of sample indices in the order they were placed."""
+    rows, free = [], []
+    for k, n in enumerate(lengths):
+        r = next((r for r, f in enumerate(free) if f >= n), None)
+        if r is None:
+            rows.append([]), free.append(capacity)
+            r = len(rows) - 1
+        rows[r].append(k)
+        free[r] -= n
+    return rows
+
+
+def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, isolate_turns=False, pack=False):
     """Right-padded batch: input_ids, targets (IGNORE_INDEX at padding), attention_mask, images,
     and positions and segment_ids when turns are isolated. stats['truncated'] counts the samples
-    cut to fit max_len (none is dropped)."""
+    cut to fit max_len (none is dropped).
+    pack=True: whole samples share rows of up to max_len tokens (pack_rows), each with its own positions
+    from 0 and sample_ids (1, 2, ... in its row; 0 at padding) so that no token attends across samples;
+    images holds one image per sample, in the order the samples stand in the rows."""
     if isinstance(tokenizer, HFProcessor):  # a whole Hugging Face VLM: its processor builds the batch
         return hf_collate(tokenizer, dataset, indices, max_len, stats)
     seqs, rows = [], []
@@ -361,20 +378,30 @@ def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, 
             stats['truncated'] += 1
         seqs.append(enc)
         rows.append(r['image'])
-    T = max(len(s[0]) for s in seqs)
-    batch = dict(input_ids=torch.full((len(seqs), T), tokenizer.pad_id, dtype=torch.long),
-                 targets=torch.full((len(seqs), T), IGNORE_INDEX, dtype=torch.long),
-                 attention_mask=torch.zeros((len(seqs), T), dtype=torch.bool),
-                 positions=torch.zeros((len(seqs), T), dtype=torch.long),
-                 segment_ids=torch.zeros((len(seqs), T), dtype=torch.long))
-    for b, (ids, tg, pos, seg, _) in enumerate(seqs):
-        n = len(ids)
-        batch['input_ids'][b, :n], batch['targets'][b, :n] = torch.tensor(ids), torch.tensor(tg)
-        batch['positions'][b, :n], batch['segment_ids'][b, :n] = torch.tensor(pos), torch.tensor(seg)
-        batch['attention_mask'][b, :n] = True
+    layout = pack_rows([len(s[0]) for s in seqs], max_len) if pack else [[k] for k in range(len(seqs))]
+    T = max(sum(len(seqs[k][0]) for k in row) for row in layout)
+    batch = dict(input_ids=torch.full((len(layout), T), tokenizer.pad_id, dtype=torch.long),
+                 targets=torch.full((len(layout), T), IGNORE_INDEX, dtype=torch.long),
+                 attention_mask=torch.zeros((len(layout), T), dtype=torch.bool),
+                 positions=torch.zeros((len(layout), T), dtype=torch.long),
+                 segment_ids=torch.zeros((len(layout), T), dtype=torch.long),
+                 sample_ids=torch.zeros((len(layout), T), dtype=torch.long))
+    for b, row in enumerate(layout):
+        at = 0
+        for j, k in enumerate(row, 1):
+            ids, tg, pos, seg, _ = seqs[k]
+            span = slice(at, at + len(ids))
+            batch['input_ids'][b, span], batch['targets'][b, span] = torch.tensor(ids), torch.tensor(tg)
+            batch['positions'][b, span], batch['segment_ids'][b, span] = torch.tensor(pos), torch.tensor(seg)
+            batch['attention_mask'][b, span], batch['sample_ids'][b, span] = True, j
+            at += len(ids)
+    if not pack:
+        del batch['sample_ids']
+        if not isolate_turns:
+            del batch['positions']
     if not isolate_turns:
-        del batch['positions'], batch['segment_ids']
-    batch['images'] = torch.from_numpy(np.stack([dataset.images[j] for j in rows]))
+        del batch['segment_ids']
+    batch['images'] = torch.from_numpy(np.stack([dataset.images[rows[k]] for row in layout for k in row]))
     return batch
 
 
@@ -476,7 +503,7 @@ class StepBatches(torch.utils.data.Dataset):
         self.dataset, self.n, self.seed = dataset, order.n, order.seed
         self.start = order.epoch * order.n + order.cursor
         self.batch_size, self.grad_accum, self.world_size, self.rank = batch_size, grad_accum, world_size, rank
-        self.encode_args = encode_args  # (tokenizer, num_image_tokens, max_len, isolate_turns)
+        self.encode_args = encode_args  # (tokenizer, num_image_tokens, max_len, isolate_turns, pack)
         self.epoch, self.perm = None, None
 
     def __len__(self):
@@ -491,11 +518,11 @@ class StepBatches(torch.utils.data.Dataset):
                 self.epoch, self.perm = epoch, DataOrder(self.n, self.seed, epoch)._perm
             step = min(need - len(idx), self.n - cursor)
             idx, pos = idx + self.perm[cursor:cursor + step], pos + step
-        tok, n_img, max_len, isolate = self.encode_args
+        tok, n_img, max_len, isolate, pack = self.encode_args
         stats, micro = Counter(), []
         for m in range(self.grad_accum):
             s = (m * self.world_size + self.rank) * self.batch_size
-            micro.append(collate(self.dataset, idx[s:s + self.batch_size], tok, n_img, max_len, stats, isolate))
+            micro.append(collate(self.dataset, idx[s:s + self.batch_size], tok, n_img, max_len, stats, isolate, pack))
         return micro, stats['truncated']
 
 

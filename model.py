@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100  # targets at prompt, image and padding positions
@@ -349,9 +350,12 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, kv, S, hd)
         # no mask: plain causal attention, which the flash kernels take; the query heads share their key/value
-        # head in the kernel (enable_gqa), without copies of K and V
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_head != self.n_kv_head)
+        # head in the kernel (enable_gqa), without copies of K and V. A BlockMask: FlexAttention.
+        gqa = self.n_head != self.n_kv_head
+        if isinstance(mask, BlockMask):
+            y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -379,10 +383,11 @@ class DecoderBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-def attention_mask(key_valid, T, segment_ids=None):
+def attention_mask(key_valid, T, segment_ids=None, sample_ids=None):
     """(B, S) bool of real keys -> (B, 1, T, S) bool for the last T queries: causal AND real key.
     With segment_ids (B, S) (no cache), a token sees the shared prefix (segment 0) and its own segment.
-    Every query also sees itself, so a padding row is never fully masked (no NaN from softmax)."""
+    With sample_ids (B, S) (packed samples, no cache), a token sees only its own sample (segments are then
+    each sample's own). Every query also sees itself, so a padding row is never fully masked (no NaN)."""
     S = key_valid.shape[1]
     q_idx = torch.arange(S - T, S, device=key_valid.device)[:, None]
     k_idx = torch.arange(S, device=key_valid.device)[None, :]
@@ -390,7 +395,29 @@ def attention_mask(key_valid, T, segment_ids=None):
     if segment_ids is not None:
         seg_q, seg_k = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
         mask = mask & ((seg_k == 0) | (seg_k == seg_q))
+    if sample_ids is not None:
+        mask = mask & (sample_ids[:, None, :, None] == sample_ids[:, None, None, :])
     return mask | (k_idx == q_idx)
+
+
+def flex_block_mask(key_valid, segment_ids=None, sample_ids=None):
+    """attention_mask's rule (no cache) as a FlexAttention BlockMask, which skips the blocks of 128 x 128 that
+    no query sees (other samples, other turns, padding) instead of computing and masking them."""
+    def visible(b, h, q, k):
+        ok = (k <= q) & key_valid[b, k]
+        if segment_ids is not None:
+            ok = ok & ((segment_ids[b, k] == 0) | (segment_ids[b, k] == segment_ids[b, q]))
+        if sample_ids is not None:
+            ok = ok & (sample_ids[b, k] == sample_ids[b, q])
+        return ok | (q == k)
+    B, T = key_valid.shape
+    return create_block_mask(visible, B, None, T, T, device=key_valid.device)
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process: uncompiled it is a slow reference implementation."""
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def current_sdpa_backends():
@@ -417,18 +444,27 @@ class Decoder(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.grad_checkpointing = False  # recompute each block's activations in backward: less memory
+        # masked attention (isolated turns, packed samples) in training: 'sdpa' (an explicit boolean mask) or
+        # 'flex' (FlexAttention, compiled: skips masked-out blocks; worth it on long packed rows on a GPU)
+        self.attention = 'sdpa'
 
     def new_cache(self):
         return KVCache(self.cfg.n_layer)
 
-    def forward(self, x, positions, key_valid, cache=None, segment_ids=None, right_padded=False):
+    def forward(self, x, positions, key_valid, cache=None, segment_ids=None, right_padded=False, sample_ids=None):
         """x (B, T, C) input embeddings; positions (B, T); key_valid (B, S) with S = cached + T;
-        segment_ids (B, T) for packed independent turns (see attention_mask). right_padded: the padding is at
-        the end of each row and its outputs are not used (a training batch), so causal attention alone is
-        exact for every real token: no mask is built. Returns the final hidden states (B, T, C)."""
+        segment_ids (B, T) for isolated turns, sample_ids (B, T) for packed samples (see attention_mask).
+        right_padded: the padding is at the end of each row and its outputs are not used (a training batch),
+        so causal attention alone is exact for every real token: no mask is built. Returns the final hidden
+        states (B, T, C)."""
         cos, sin = rope_cos_sin(positions, self.cfg.n_embd // self.cfg.n_head, self.cfg.rope_theta)
-        causal = right_padded and cache is None and segment_ids is None
-        mask = None if causal else attention_mask(key_valid, x.shape[1], segment_ids)
+        causal = right_padded and cache is None and segment_ids is None and sample_ids is None
+        if causal:
+            mask = None
+        elif self.attention == 'flex' and cache is None:
+            mask = flex_block_mask(key_valid, segment_ids, sample_ids)
+        else:
+            mask = attention_mask(key_valid, x.shape[1], segment_ids, sample_ids)
         for layer in self.layers:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # non-reentrant: gradients reach the block's adapters even when x needs none (frozen
@@ -532,19 +568,23 @@ class VLM(nn.Module):
         they hold no <image> placeholder, but with the bridge they too attend to the image."""
         return self.embed(input_ids, image_embeds=image_embeds if self.bridge else None)
 
-    def forward(self, input_ids, images=None, attention_mask=None, targets=None, positions=None, segment_ids=None):
+    def forward(self, input_ids, images=None, attention_mask=None, targets=None, positions=None, segment_ids=None,
+                sample_ids=None):
         """With targets (a batch padded on the right, as data.collate makes it): the summed cross-entropy over
         supervised positions (the caller divides by the token count, so gradient accumulation and DDP can
         normalise by the global count).
-        Without: logits (B, T, V). positions and segment_ids come with packed independent turns."""
+        Without: logits (B, T, V). positions and segment_ids come with isolated turns, positions and sample_ids
+        with packed samples (then images has one image per sample, in the order they stand in the rows)."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = attention_mask.bool()
         if positions is None:
             positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # left or right padding
         # with targets a right-padded batch (data.collate's): its padding carries no loss, so no mask is needed
+        if sample_ids is not None and self.bridge:
+            raise ValueError('packed samples need image tokens: the bridge gives each row one image to attend to')
         h = self.llm(self.embed(input_ids, images), positions, attention_mask, segment_ids=segment_ids,
-                     right_padded=targets is not None)
+                     right_padded=targets is not None, sample_ids=sample_ids)
         if targets is None:
             return self.llm.lm_head(h)
         supervised = targets != IGNORE_INDEX

@@ -148,14 +148,14 @@ class HFCausalLM(nn.Module):
         from transformers import DynamicCache
         return DynamicCache(config=self.model.config)
 
-    def forward(self, x, positions, key_valid, cache=None, segment_ids=None, right_padded=False):
+    def forward(self, x, positions, key_valid, cache=None, segment_ids=None, right_padded=False, sample_ids=None):
         """As Decoder.forward: (B, T, C) embeddings -> (B, T, C) final hidden states (transformers picks its own
         attention path from the key mask, so right_padded changes nothing)."""
         mask = key_valid.long()
-        # packed turns: a custom 4D additive mask, which transformers takes as it is (and so ignores sliding
-        # windows, 4096 tokens in Gemma-2, far past glimpse's sequences)
-        if segment_ids is not None:
-            allowed = attention_mask(key_valid, x.shape[1], segment_ids)  # (B, 1, T, S)
+        # isolated turns, packed samples: a custom 4D additive mask, which transformers takes as it is (and so
+        # ignores sliding windows, 4096 tokens in Gemma-2, far past glimpse's sequences)
+        if segment_ids is not None or sample_ids is not None:
+            allowed = attention_mask(key_valid, x.shape[1], segment_ids, sample_ids)  # (B, 1, T, S)
             mask = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device).masked_fill(~allowed, torch.finfo(x.dtype).min)
         out = self.model.base_model(inputs_embeds=x, attention_mask=mask, position_ids=positions,
                                     past_key_values=cache, use_cache=cache is not None)

@@ -112,12 +112,16 @@ class HFTokenizer:
     rendered turn by turn and encoded piece by piece, so the supervised flags mark exactly the assistant
     answers and the end-of-turn token the template puts after them, which is also the generation stop token.
     glimpse pads itself (right for training, left for generation, always masked), so a model without a pad
-    token pads with the end-of-turn token. image_layout='idefics3' adds Idefics3's two image markers too."""
+    token pads with the end-of-turn token. image_layout='idefics3' adds Idefics3's two image markers too.
+    system_prompt: None renders conversations as the template does (SmolLM2's adds its own system prompt to
+    any conversation without one); a string is the system turn of every conversation that has none ('' an
+    empty one: SmolLM2 then spends 4 tokens a sequence on it, not 20). It is part of the tokenizer's state,
+    so training, evaluation, sample.py and classify.py all prompt the same way."""
     IMAGE = '<image>'
 
     def __init__(self, hf_tokenizer, image_layout='plain'):
         check_image_layout(image_layout)
-        self.tok, self.image_layout = hf_tokenizer, image_layout
+        self.tok, self.image_layout, self.system_prompt = hf_tokenizer, image_layout, None
         if not self.tok.chat_template:
             self.tok.chat_template = PLAIN_CHAT_TEMPLATE
         needed = (self.IMAGE,) + (IDEFICS3_AROUND if image_layout == 'idefics3' else ())
@@ -132,6 +136,8 @@ class HFTokenizer:
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eot_id
 
     def _render(self, turns, add_generation_prompt):
+        if self.system_prompt is not None and not (turns and turns[0]['role'] == 'system'):
+            turns = [{'role': 'system', 'content': self.system_prompt}] + list(turns)
         return self.tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def _end_of_turn(self):
@@ -194,7 +200,7 @@ class HFTokenizer:
             for name in os.listdir(d):
                 with open(os.path.join(d, name), 'rb') as f:
                     files[name] = base64.b64encode(f.read()).decode()
-        return {'kind': 'hf', 'files': files, 'image_layout': self.image_layout}
+        return {'kind': 'hf', 'files': files, 'image_layout': self.image_layout, 'system_prompt': self.system_prompt}
 
 
 class HFProcessor:

@@ -66,9 +66,11 @@ llm_kv_heads = 2
 llm_mlp_width = 688
 tie_embeddings = True
 tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
+system_prompt = None  # a pretrained LLM's chat: None as its template does, or this system turn ('' an empty one)
 image_layout = 'plain'  # an image's tokens: 'plain' (<image> x N) or 'idefics3' (between SmolVLM's markers: export.py)
 max_seq_len = 256
 isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see data.pack_turns)
+pack_samples = False  # fill each row with whole samples up to max_seq_len, none seeing another (see data.collate)
 num_workers = 0  # DataLoader processes building batches ahead of the step (decoding --shards images); 0 = inline
 # what trains: 'full', 'frozen', 'lora' or 'qlora' (LoRA over a 4-bit base) per component; the connector
 # always trains. A frozen vision tower runs without autograd; a frozen LLM still carries gradients back to the
@@ -84,6 +86,7 @@ rslora = False  # scale alpha / sqrt(r) instead of alpha / r
 qlora_quant_type = 'nf4'  # 'nf4' or 'fp4'
 qlora_double_quant = True  # quantise the 4-bit blocks' scales too (~0.4 bits/param saved)
 grad_checkpointing = False  # recompute decoder blocks in backward: less activation memory, ~30% more compute
+attention = 'sdpa'  # masked attention (isolated turns, packed samples): 'sdpa' mask or 'flex' (FlexAttention, compiled)
 # optimisation
 batch_size = 32  # per process, per micro-step
 grad_accum = 1  # micro-steps per optimizer step
@@ -128,10 +131,16 @@ if hf_vlm and (vision_lr or connector_lr or llm_lr):
                      'leave them at 0 (learning_rate applies to everything that trains)')
 if hf_vlm and isolate_turns:
     raise SystemExit('config error: isolate_turns=True needs glimpse\'s own VLM; hf_vlm runs train whole conversations')
+if pack_samples and (hf_vlm or connector == 'bridge'):
+    raise SystemExit('config error: pack_samples=True needs image tokens in glimpse\'s own VLM (not hf_vlm, not '
+                     'connector=\'bridge\'); leave pack_samples=False')
 # -----------------------------------------------------------------------------
 
 ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype, seed, config, out_dir)
 master, device_type = rank == 0, device.split(':')[0]
+if attention == 'flex' and device_type != 'cuda':
+    raise SystemExit(f"config error: attention='flex' trains on CUDA only (FlexAttention has no backward on "
+                     f"{device_type} in torch {torch.__version__}); use attention='sdpa'")
 amp, scaler = precision(device_type, dtype)  # autocast (none in fp32), and loss scaling in fp16
 
 # data
@@ -199,8 +208,8 @@ def save(path, rngs):
 
 # -----------------------------------------------------------------------------
 stats = Counter()
-loader = step_batches(train_set, order, batch_size, grad_accum, world_size, rank, (tok, n_img, max_seq_len, isolate_turns),
-                      num_workers)
+loader = step_batches(train_set, order, batch_size, grad_accum, world_size, rank,
+                      (tok, n_img, max_seq_len, isolate_turns, pack_samples), num_workers)
 if resume_rng is not None:  # after all start-up work that draws (model init, the loader workers' seeds)
     set_rng_state(resume_rng[min(rank, len(resume_rng) - 1)] if isinstance(resume_rng, list) else resume_rng)
 bar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True,
@@ -262,7 +271,7 @@ while True:
     order.take(batch_size * grad_accum * world_size)  # the loader builds these; order keeps the resume state
     micro, n_truncated = next(loader)
     # token counts from the loader's CPU tensors: read from the GPU, each would wait for the kernels before it
-    counts = [(len(b['input_ids']), int((b['input_ids'] == model_cfg.image_token_id).sum()),
+    counts = [(len(b.get('images', b['input_ids'])), int((b['input_ids'] == model_cfg.image_token_id).sum()),
                int(b['attention_mask'].sum()), int((b['targets'] != IGNORE_INDEX).sum())) for b in micro]
     micro = [{key: v.to(device) for key, v in b.items()} for b in micro]
     if n_truncated:

@@ -330,3 +330,128 @@ def test_training_flops_match_a_flop_counter(vision_mode, llm_mode, connector):
     formula = 2 * training_flops_per_sample(cfg, len(ids) - model.num_image_tokens, model.num_image_tokens,
                                             vision_mode, llm_mode, n_supervised=n_sup, lora_params=lora)
     assert formula == pytest.approx(counter.get_total_flops(), rel=0.05)
+
+
+class _Records:  # the part of a VLMDataset that collate reads
+    def __init__(self, records, imgs):
+        self.records, self.images = records, imgs
+
+
+@pytest.mark.parametrize('isolate', [False, True])
+def test_packed_samples_give_the_unpacked_loss_and_gradients(isolate):
+    """Whole samples packed into shared rows (positions from 0 each, no attention across samples, one image
+    per sample) train exactly as the right-padded batch of the same samples: summed loss and every gradient."""
+    from data import collate, pack_rows
+    model, tok = tiny_vlm()
+    model.train()
+    qa = [('what color is the circle?', 'red'), ('how many objects are there?', 'two'),
+          ('describe the image.', TEXTS[5])]
+    records = []
+    for k in range(5):  # 2 to 6 turns: lengths that pack unevenly
+        turns = []
+        for j in range(1 + k % 3):
+            q, a = qa[(k + j) % 3]
+            turns += [{'role': 'user', 'content': ('<image>\n' if j == 0 else '') + q}, {'role': 'assistant', 'content': a}]
+        records.append({'turns': turns, 'image': 4 - k})
+    data = _Records(records, images(5).numpy())
+    losses, grads, rows = [], [], []
+    for pack in (False, True):
+        batch = collate(data, list(range(5)), tok, model.num_image_tokens, 64, isolate_turns=isolate, pack=pack)
+        rows.append(len(batch['input_ids']))
+        model.zero_grad()
+        loss = model(**batch)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert rows[0] == 5 and rows[1] < 5  # the packing did put samples together
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-5)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-4, atol=1e-6, msg=n)
+    assert pack_rows([5, 3, 4, 2, 6], 8) == [[0, 1], [2, 3], [4]]  # first fit, in order
+
+
+def test_packed_samples_do_not_see_each_other():
+    """Changing one packed sample's tokens leaves every other sample's logits as they were."""
+    model, tok = tiny_vlm()
+    n = model.num_image_tokens
+    a, _ = tok.encode_chat(conversation('red'), n)
+    b, _ = tok.encode_chat(conversation('two'), n)
+    ids = torch.tensor([a + b])
+    sample_ids = torch.tensor([[1] * len(a) + [2] * len(b)])
+    positions = torch.tensor([list(range(len(a))) + list(range(len(b)))])
+    with torch.no_grad():
+        both = model(ids, images(2), positions=positions, sample_ids=sample_ids)
+        changed = ids.clone()
+        changed[0, len(a) - 3] = tok.encode('blue')[0]  # inside the first sample's answer
+        other = model(changed, images(2), positions=positions, sample_ids=sample_ids)
+        alone = model(torch.tensor([b]), images(2)[1:])
+    torch.testing.assert_close(other[0, len(a):], both[0, len(a):])
+    torch.testing.assert_close(both[0, len(a):], alone[0], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(other[0, len(a) - 2:len(a)], both[0, len(a) - 2:len(a)])
+
+
+def _flex_batch(isolate, pack, tok, n_img, device='cpu'):
+    from data import collate
+    turns = conversation('red') + [{'role': 'user', 'content': TEXTS[2]}, {'role': 'assistant', 'content': 'two'}]
+    data = _Records([{'turns': turns[:2 + 2 * (k % 3)], 'image': k} for k in range(4)], images(4).numpy())
+    batch = collate(data, list(range(4)), tok, n_img, 80, isolate_turns=isolate, pack=pack)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+@pytest.mark.parametrize('isolate,pack', [(True, False), (False, True), (True, True)])
+@torch.no_grad()
+def test_flex_attention_equals_the_masked_reference(monkeypatch, isolate, pack):
+    """attention='flex' (a BlockMask of the same rule) gives the boolean-mask path's logits at every real token
+    and its loss. Forward only, uncompiled, on the CPU (FlexAttention has no CPU backward; the CUDA test below
+    checks gradients, compiled)."""
+    import model as model_module
+    monkeypatch.setattr(model_module, 'compiled_flex_attention', lambda: model_module.flex_attention)
+    model, tok = tiny_vlm()
+    batch = _flex_batch(isolate, pack, tok, model.num_image_tokens)
+    inputs = {k: v for k, v in batch.items() if k != 'targets'}
+    out = []
+    for attention in ('sdpa', 'flex'):
+        model.llm.attention = attention
+        out.append((model(**inputs)[batch['attention_mask']], model(**batch)))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='FlexAttention trains on CUDA (no CPU backward)')
+@pytest.mark.parametrize('isolate,pack', [(True, False), (True, True)])
+def test_compiled_flex_attention_trains_as_the_masked_reference_on_cuda(isolate, pack):
+    model, tok = tiny_vlm()
+    model = model.cuda().train()
+    batch = _flex_batch(isolate, pack, tok, model.num_image_tokens, 'cuda')
+    out = []
+    for attention in ('sdpa', 'flex'):
+        model.llm.attention = attention
+        model.zero_grad()
+        loss = model(**batch)
+        loss.backward()
+        out.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-4, atol=1e-4)
+    for n, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][n], g, rtol=1e-3, atol=1e-5, msg=n)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='the flash kernel is a CUDA kernel')
+def test_training_step_runs_the_flash_kernel_on_cuda():
+    """A right-padded training batch in bf16 on a GPU: every attention call (ViT and decoder) is SDPA's flash
+    kernel, never the math fallback."""
+    from training import attention_kernels
+    tok = Tokenizer.build('word', TEXTS)
+    cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=128),
+                    ConnectorConfig(kind='pixel_shuffle', in_dim=128, out_dim=256, scale_factor=2),
+                    DecoderConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=4, n_kv_head=2, n_embd=256,
+                                  intermediate_size=512), image_token_id=tok.image_token_id)
+    model = VLM(cfg).cuda().train()
+    ids, sup = tok.encode_chat(conversation(), model.num_image_tokens)
+    targets = torch.tensor([[t if s else IGNORE_INDEX for t, s in zip(ids[1:], sup[1:])] + [IGNORE_INDEX]] * 2)
+
+    def step():
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            model(torch.tensor([ids, ids]).cuda(), images(2).cuda(), targets=targets.cuda()).backward()
+        torch.cuda.synchronize()
+    assert attention_kernels(step) == {'flash': 4}

@@ -260,3 +260,30 @@ def test_smollm2_greedy_chat_answer_matches_transformers_generate(smollm2):
     theirs = ref.generate(prompt, max_new_tokens=12, do_sample=False)[:, prompt.shape[1]:]  # stops at its eos
     assert tok.eot_id == ref.generation_config.eos_token_id
     assert ours.tolist() == theirs.tolist(), (tok.decode(ours[0]), tok.decode(theirs[0]))
+
+
+def test_smollm2_system_prompt_is_the_tokenizers_and_travels_with_it(smollm2):
+    """SmolLM2's template writes its own system prompt into a conversation without one; system_prompt=''
+    replaces it by an empty system turn (16 tokens fewer a sequence), every pair of isolated turns gets it, and
+    a checkpoint's tokenizer state brings it back."""
+    from checkpoint import tokenizer_from_state
+    from data import pack_turns
+    tok = smollm2[0]
+    turns = [{'role': 'user', 'content': '<image>\nwhat color is it?'}, {'role': 'assistant', 'content': 'red'},
+             {'role': 'user', 'content': 'how many?'}, {'role': 'assistant', 'content': 'two'}]
+    default, sup_default = tok.encode_chat(turns, 4)
+    assert 'SmolLM' in tok.decode(default)
+    tok.system_prompt = ''
+    try:
+        empty, sup_empty = tok.encode_chat(turns, 4)
+        assert 'SmolLM' not in tok.decode(empty) and len(default) - len(empty) == 16
+        assert [t for t, s in zip(default, sup_default) if s] == [t for t, s in zip(empty, sup_empty) if s]
+        ids, _, _, seg = pack_turns(tok, turns, 4, isolate_turns=True)
+        assert tok.tok.convert_tokens_to_ids('<|im_start|>') in ids[:3] and 'SmolLM' not in tok.decode(ids)
+        assert seg.count(0) == ids.index(tok.image_token_id) + 4  # the shared prefix ends with the image
+        back = tokenizer_from_state(tok.state())
+        assert back.system_prompt == '' and back.encode_chat(turns, 4) == (empty, sup_empty)
+        tok.system_prompt = 'Answer in one word.'
+        assert 'Answer in one word.' in tok.decode(tok.encode_chat(turns, 4)[0])
+    finally:
+        tok.system_prompt = None
