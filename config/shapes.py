@@ -1,6 +1,6 @@
 # The default recipe: a tiny VLM learns the synthetic shapes scenes from scratch on a laptop CPU.
 #   python prepare_data.py shapes && python train_vlm.py config/shapes.py
-# Figures for the Quick start (--max_iters=600) and this full run, per machine class: README, docs/LOG.md.
+# Figures for the Quick start (--max_iters=400) and this full run, per machine class: README, docs/LOG.md.
 out_dir = 'out/shapes'
 data_dir = 'data/shapes'
 # One image token per grid cell: the 64px scenes are resized to 72px, so each of the 3x3 cells is 3x3 patches
