@@ -707,38 +707,6 @@ def cut_at(ids, eos_id):
     return ids[:ids.index(eos_id)] if eos_id in ids else ids
 
 
-def training_flops_per_sample(cfg: VLMConfig, n_text_tokens, num_image_tokens, vision_mode='full', llm_mode='full',
-                              n_supervised=None, lora_params=(0, 0)):
-    """Matmul FLOPs of one training sample, forward and backward, after the PaLM appendix: per parameter
-    per token 2 forward, 2 for the gradient of its input, 2 for the gradient of its weight (plus attention
-    scores). A part that is not 'full' (frozen, lora, qlora) skips its weight gradients; a frozen vision tower,
-    with nothing trained before it, skips its backward altogether. lora_params (vision, llm): the adapters'
-    parameter counts, each trained in full over its part's tokens. The LM head runs only where there is a
-    loss (VLM.forward with targets): n_supervised tokens a sample, None = every token. Lookups cost nothing."""
-    v, d = cfg.vision, cfg.llm
-    patches = (v.image_size // v.patch_size) ** 2 + int(v.cls_token) + v.n_registers  # tokens in the ViT
-    vit_params = v.n_layer * (4 * v.n_embd ** 2 + 2 * v.n_embd * round(v.n_embd * v.mlp_ratio))
-    vit_per = {'full': 6, 'frozen': 2}.get(vision_mode, 4)
-    attn = 4 * v.n_layer * v.n_embd * patches ** 2 * (1 if vision_mode == 'frozen' else 3)  # scores, values
-    vit = (vit_per * vit_params + 6 * lora_params[0]) * patches + attn
-    hd = d.n_embd // d.n_head
-    llm_params = d.n_layer * (d.n_embd * hd * (2 * d.n_head + 2 * d.n_kv_head) + 3 * d.n_embd * d.intermediate_size)
-    T = n_text_tokens + num_image_tokens
-    llm_per = 6 if llm_mode == 'full' else 4
-    head_tokens = T if n_supervised is None else n_supervised
-    llm = ((llm_per * llm_params + 6 * lora_params[1]) * T + llm_per * d.n_embd * d.vocab_size * head_tokens
-           + 12 * d.n_layer * d.n_embd * T * T / 2)  # causal attention: half the scores
-    c = cfg.connector
-    if c.kind == 'bridge':  # projection and keys/values per image feature; query, output and 4x MLP per text token
-        C, N = c.out_dim, patches
-        conn = 6 * ((c.in_dim * C + 2 * C * C) * N + 10 * C * C * T) + 12 * C * T * N
-    else:
-        conn_in = c.in_dim * (c.scale_factor ** 2 if c.kind.startswith('pixel_shuffle') else 1)
-        second = c.out_dim ** 2 if c.kind != 'pixel_shuffle_linear' else 0  # the MLP's second layer
-        conn = 6 * (conn_in * c.out_dim + second) * num_image_tokens
-    return vit + conn + llm
-
-
 # -----------------------------------------------------------------------------
 # SigLIP (stage 1, train_siglip.py): an image tower and a text tower meet in a shared embedding
 # space, trained with the sigmoid loss of Zhai et al. 2023. The image tower then feeds the VLM.

@@ -307,7 +307,7 @@ def test_training_flops_match_a_flop_counter(vision_mode, llm_mode, connector):
     gradients, a frozen tower its whole backward, and the adapters train in full."""
     from torch.utils.flop_counter import FlopCounterMode
     from lora import apply_lora
-    from model import training_flops_per_sample
+    from training import training_flops_per_sample
     torch.manual_seed(0)
     tok = Tokenizer.build('word', TEXTS)
     cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=64),
