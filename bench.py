@@ -23,10 +23,8 @@ import torch
 from checkpoint import ModelSpec, build_model
 from configurator import apply_config, script_defaults
 from data import DataOrder, VLMDataset, collate
-from lora import adapter_params
-from model import IGNORE_INDEX
-from training import (attention_kernels, autocast_context, device_peak_flops, make_optimizer, mfu_text, optimizer_step,
-                      pick_device, pick_dtype, seed_everything, step_flops)
+from training import (attention_kernels, autocast_context, batch_counts, device_peak_flops, lora_param_counts,
+                      make_optimizer, mfu_text, optimizer_step, pick_device, pick_dtype, seed_everything, step_flops)
 
 globals().update(script_defaults('train_vlm.py'))  # the same keys and defaults as training
 bench_iters = 20
@@ -56,13 +54,12 @@ order = DataOrder(len(train_set), seed)
 batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, isolate_turns=isolate_turns,
                    pack=pack_samples) for _ in range(grad_accum)]
 # per batch: samples, image tokens, tokens, supervised tokens (counted as train_vlm.py counts them)
-counts = [(len(b.get('images', b['input_ids'])), int((b['input_ids'] == model_cfg.image_token_id).sum()),
-           int(b['attention_mask'].sum()), int((b['targets'] != IGNORE_INDEX).sum())) for b in batches]
+counts = [batch_counts(b, model_cfg.image_token_id) for b in batches]
 padding = 1 - sum(c[2] for c in counts) / sum(b['input_ids'].numel() for b in batches)  # share of the rows
 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 n_samples, n_image = sum(c[0] for c in counts), sum(c[1] for c in counts)
 n_text = sum(c[2] for c in counts) - n_image
-lora_params = (0, 0) if hf_vlm else (adapter_params(model.vision_tower), adapter_params(model.llm))
+lora_params = (0, 0) if hf_vlm else lora_param_counts(model)
 flops = step_flops(model_cfg, counts, vision_mode, llm_mode, lora_params, head_on_supervised=not hf_vlm)
 n_sup = sum(c[3] for c in counts)
 peak = peak_flops or device_peak_flops(device, dtype)

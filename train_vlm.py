@@ -22,11 +22,10 @@ from tqdm import tqdm
 from checkpoint import ModelSpec, build_model, load_checkpoint, raw_state_dict, save_checkpoint, trained_state_dict
 from configurator import apply_config
 from data import DataOrder, VLMDataset, step_batches
-from lora import DEFAULT_TARGETS, adapter_params
-from model import IGNORE_INDEX
-from training import (MetricsLogger, caption_scores, checkpoint_due, device_peak_flops, finish_distributed, lr_at,
-                      make_optimizer, mfu_text, optimizer_step, precision, qa_accuracy, rng_states_of_all_ranks,
-                      set_lr, set_rng_state, setup_training, step_flops, val_loss)
+from lora import DEFAULT_TARGETS
+from training import (MetricsLogger, batch_counts, caption_scores, checkpoint_due, device_peak_flops,
+                      finish_distributed, lora_param_counts, lr_at, make_optimizer, mfu_text, optimizer_step, precision,
+                      qa_accuracy, rng_states_of_all_ranks, set_lr, set_rng_state, setup_training, step_flops, val_loss)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -184,7 +183,7 @@ if ddp:
 logger = MetricsLogger(out_dir, master, iter_num == 0, wandb_log, wandb_project, wandb_run_name, config,
                        tensorboard_log)
 peak = peak_flops or device_peak_flops(device, dtype)
-lora_params = (0, 0) if hf_vlm else (adapter_params(raw_model.vision_tower), adapter_params(raw_model.llm))
+lora_params = (0, 0) if hf_vlm else lora_param_counts(raw_model)
 
 
 def evaluate():
@@ -271,8 +270,7 @@ while True:
     order.take(batch_size * grad_accum * world_size)  # the loader builds these; order keeps the resume state
     micro, n_truncated = next(loader)
     # token counts from the loader's CPU tensors: read from the GPU, each would wait for the kernels before it
-    counts = [(len(b.get('images', b['input_ids'])), int((b['input_ids'] == model_cfg.image_token_id).sum()),
-               int(b['attention_mask'].sum()), int((b['targets'] != IGNORE_INDEX).sum())) for b in micro]
+    counts = [batch_counts(b, model_cfg.image_token_id) for b in micro]
     micro = [{key: v.to(device) for key, v in b.items()} for b in micro]
     if n_truncated:
         stats['truncated'] += n_truncated

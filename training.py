@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from data import CAPTION_PROMPT, collate
 from errors import GlimpseError
+from lora import adapter_params
 from model import IGNORE_INDEX, VLMConfig
 
 # -----------------------------------------------------------------------------
@@ -136,6 +137,19 @@ def training_flops_per_sample(cfg: VLMConfig, n_text_tokens, num_image_tokens, v
         second = c.out_dim ** 2 if c.kind != 'pixel_shuffle_linear' else 0  # the MLP's second layer
         conn = 6 * (conn_in * c.out_dim + second) * num_image_tokens
     return vit + conn + llm
+
+
+def batch_counts(batch, image_token_id):
+    """(samples, image tokens, tokens, supervised tokens) of a collated batch: what step_flops and the logs count.
+    A packed batch has fewer rows than samples: one image each."""
+    return (len(batch.get('images', batch['input_ids'])), int((batch['input_ids'] == image_token_id).sum()),
+            int(batch['attention_mask'].sum()), int((batch['targets'] != IGNORE_INDEX).sum()))
+
+
+def lora_param_counts(model):
+    """(vision tower, LLM) adapter parameters of glimpse's VLM, for step_flops."""
+    parts = [getattr(model, name, None) for name in ('vision_tower', 'llm')]
+    return tuple(adapter_params(p) if isinstance(p, torch.nn.Module) else 0 for p in parts)
 
 
 def step_flops(model_cfg, counts, vision_mode, llm_mode, lora_params=(0, 0), head_on_supervised=True):
