@@ -59,7 +59,7 @@ padding = 1 - sum(c[2] for c in counts) / sum(b['input_ids'].numel() for b in ba
 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
 n_samples, n_image = sum(c[0] for c in counts), sum(c[1] for c in counts)
 n_text = sum(c[2] for c in counts) - n_image
-lora_params = (0, 0) if hf_vlm else lora_param_counts(model)
+lora_params = lora_param_counts(model)
 flops = step_flops(model_cfg, counts, vision_mode, llm_mode, lora_params, head_on_supervised=not hf_vlm)
 n_sup = sum(c[3] for c in counts)
 peak = peak_flops or device_peak_flops(device, dtype)

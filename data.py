@@ -354,8 +354,9 @@ def pack_rows(lengths, capacity):
     for k, n in enumerate(lengths):
         r = next((r for r, f in enumerate(free) if f >= n), None)
         if r is None:
-            rows.append([]), free.append(capacity)
-            r = len(rows) - 1
+            r = len(rows)
+            rows.append([])
+            free.append(capacity)
         rows[r].append(k)
         free[r] -= n
     return rows

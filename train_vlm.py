@@ -183,7 +183,7 @@ if ddp:
 logger = MetricsLogger(out_dir, master, iter_num == 0, wandb_log, wandb_project, wandb_run_name, config,
                        tensorboard_log)
 peak = peak_flops or device_peak_flops(device, dtype)
-lora_params = (0, 0) if hf_vlm else lora_param_counts(raw_model)
+lora_params = lora_param_counts(raw_model)
 
 
 def evaluate():

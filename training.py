@@ -147,7 +147,7 @@ def batch_counts(batch, image_token_id):
 
 
 def lora_param_counts(model):
-    """(vision tower, LLM) adapter parameters of glimpse's VLM, for step_flops."""
+    """(vision tower, LLM) adapter parameters, for step_flops (glimpse's VLM and an HFVLM both name the parts)."""
     parts = [getattr(model, name, None) for name in ('vision_tower', 'llm')]
     return tuple(adapter_params(p) if isinstance(p, torch.nn.Module) else 0 for p in parts)
 
