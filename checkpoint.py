@@ -47,6 +47,7 @@ class ModelSpec:
     connector: str = 'pixel_shuffle'
     pixel_shuffle_factor: int = 2
     bridge_heads: int = 8
+    connector_norm: bool = False
     llm: str = 'scratch'
     llm_layers: int = 4
     llm_width: int = 256
@@ -245,7 +246,8 @@ def vlm_config(spec, tok, llm=None, vision=None):
     return VLMConfig(
         vision=vision,
         connector=ConnectorConfig(kind=spec.connector, in_dim=vision.n_embd, out_dim=llm_cfg.n_embd,
-                                  scale_factor=spec.pixel_shuffle_factor, n_head=spec.bridge_heads),
+                                  scale_factor=spec.pixel_shuffle_factor, n_head=spec.bridge_heads,
+                                  out_norm=spec.connector_norm),
         llm=llm_cfg, image_token_id=tok.image_token_id,
         hf_llm=llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None)
 

@@ -96,6 +96,8 @@ def target_of(cfg, tok):
     if c.kind not in ('pixel_shuffle_linear', 'mlp'):
         raise why('connector', f"{c.kind!r} has no Hugging Face counterpart; train with connector='pixel_shuffle_linear' "
                                f"(exports to Idefics3) or 'mlp' (LLaVA)")
+    if c.out_norm:
+        raise why('connector_norm', 'True: LLaVA\'s projector ends without a norm; train with --connector_norm=False')
     if v.patch_overlap:
         raise why('patch_overlap', f'{v.patch_overlap}: overlapping patches have no Hugging Face counterpart; train '
                                    f'with --patch_overlap=0')

@@ -187,16 +187,22 @@ class ConnectorConfig:
     out_dim: int = 256
     scale_factor: int = 2  # pixel_shuffle: s x s neighbouring patches become one token
     n_head: int = 8  # bridge: attention heads
+    out_norm: bool = False  # an RMSNorm on the image tokens, its gain starting at the LLM's embedding scale
 
 
 class MLPProjector(nn.Module):
-    def __init__(self, in_dim, out_dim):
+    """LLaVA-1.5's projector; out_norm=True ends it with an RMSNorm, so the image tokens enter the LLM at the
+    scale its gain sets (VLM sets it to a pretrained LLM's token-embedding scale) however the weights grow."""
+
+    def __init__(self, in_dim, out_dim, out_norm=False):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, out_dim)
         self.fc2 = nn.Linear(out_dim, out_dim)
+        self.norm = RMSNorm(out_dim, 1e-6) if out_norm else None
 
     def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x)))
+        x = self.fc2(F.gelu(self.fc1(x)))
+        return x if self.norm is None else self.norm(x)
 
 
 class PixelShuffleProjector(nn.Module):
@@ -204,13 +210,15 @@ class PixelShuffleProjector(nn.Module):
     offset, column offset, channel) as Idefics3/SmolVLM's pixel_shuffle orders it; then the 2-layer MLP, or
     (linear=True, SmolVLM's projector) a single bias-free linear layer."""
 
-    def __init__(self, in_dim, out_dim, scale_factor, linear=False):
+    def __init__(self, in_dim, out_dim, scale_factor, linear=False, out_norm=False):
         super().__init__()
         self.s = scale_factor
         if linear:
+            if out_norm:
+                raise ValueError("out_norm needs the MLP: SmolVLM's linear projector has no norm to export")
             self.proj = nn.Linear(in_dim * scale_factor ** 2, out_dim, bias=False)
         else:
-            self.mlp = MLPProjector(in_dim * scale_factor ** 2, out_dim)
+            self.mlp = MLPProjector(in_dim * scale_factor ** 2, out_dim, out_norm)
 
     def forward(self, x):  # (B, N, C)
         B, N, C = x.shape
@@ -259,11 +267,14 @@ class CrossAttentionBridge(nn.Module):
 
 def build_connector(cfg: ConnectorConfig):
     if cfg.kind == 'bridge':
+        if cfg.out_norm:
+            raise ValueError("out_norm needs image tokens: the bridge has none (its gates start at 0 instead)")
         return CrossAttentionBridge(cfg.in_dim, cfg.out_dim, cfg.n_head)
     if cfg.kind == 'mlp':
-        return MLPProjector(cfg.in_dim, cfg.out_dim)
+        return MLPProjector(cfg.in_dim, cfg.out_dim, cfg.out_norm)
     if cfg.kind in ('pixel_shuffle', 'pixel_shuffle_linear'):
-        return PixelShuffleProjector(cfg.in_dim, cfg.out_dim, cfg.scale_factor, linear=cfg.kind == 'pixel_shuffle_linear')
+        return PixelShuffleProjector(cfg.in_dim, cfg.out_dim, cfg.scale_factor, linear=cfg.kind == 'pixel_shuffle_linear',
+                                     out_norm=cfg.out_norm)
     raise ValueError(f"unknown connector '{cfg.kind}': use 'mlp', 'pixel_shuffle', 'pixel_shuffle_linear' or 'bridge'")
 
 
@@ -530,6 +541,10 @@ class VLM(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.llm.n_layer))
             elif name.endswith(('proj.weight', 'fc2.weight')) and name.startswith('vision_tower'):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.vision.n_layer))
+        norm = getattr(getattr(self.connector, 'mlp', self.connector), 'norm', None)
+        if norm is not None:  # image tokens start at the scale of the LLM's own token embeddings
+            with torch.no_grad():
+                norm.weight.fill_(self.llm.embed_tokens.weight.float().pow(2).mean(-1).sqrt().mean().item())
         self.bridge = cfg.connector.kind == 'bridge'  # image features enter by cross-attention, not as tokens
         with torch.no_grad():
             self.num_image_tokens = 0 if self.bridge else self.connector(

@@ -55,6 +55,7 @@ vit_heads = 4
 connector = 'pixel_shuffle'  # 'mlp', 'pixel_shuffle' (then the MLP), 'pixel_shuffle_linear' (SmolVLM's), or 'bridge' (seed 002)
 pixel_shuffle_factor = 2
 bridge_heads = 8  # connector='bridge': cross-attention heads
+connector_norm = False  # end the MLP connector with an RMSNorm at the LLM's token-embedding scale (model.MLPProjector)
 llm = 'scratch'  # 'scratch' (llm_* keys, built-in tokenizer), or a pretrained LLM with its tokenizer and chat
                  # template: a Hugging Face model directory, a model id in the Hugging Face cache, or a .gguf file;
                  # or the out_dir of a train_vlm.py run (its language model, as trained, and its tokenizer)

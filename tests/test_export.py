@@ -104,3 +104,20 @@ def test_a_run_that_cannot_map_is_a_one_line_error(shapes_dir, tiny_run, tmp_pat
         p = run([sys.executable, 'export.py', str(run_dir), str(tmp_path / 'x')], check=False)
         assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
         assert p.stderr.strip().splitlines()[-1].startswith('export error: ') and why in p.stderr, p.stderr
+
+
+def test_a_normed_connector_does_not_export():
+    """LLaVA's projector has no final norm: a run with connector_norm=True is refused by name, before any file."""
+    from errors import GlimpseError
+    from export import target_of
+    from model import ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig
+    from tokenizer import Tokenizer
+    tok = Tokenizer.build('word', ['<image>\nwhat color is it?', 'red'])
+    cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=32, post_norm=False),
+                    ConnectorConfig(kind='mlp', in_dim=32, out_dim=48, out_norm=True),
+                    DecoderConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=4, n_kv_head=2, n_embd=48),
+                    image_token_id=tok.image_token_id)
+    with pytest.raises(GlimpseError, match='export error: connector_norm: True'):
+        target_of(cfg, tok)
+    cfg.connector.out_norm = False
+    assert target_of(cfg, tok) == 'llava'

@@ -79,6 +79,34 @@ def test_an_unknown_connector_names_every_choice():
         build_connector(ConnectorConfig(kind='perceiver'))
 
 
+@pytest.mark.parametrize('connector', ['mlp', 'pixel_shuffle'])
+def test_connector_norm_puts_image_tokens_at_the_embedding_scale(connector):
+    """out_norm: every image token's RMS is the LLM's mean token-embedding RMS at the start, however large
+    the projector's weights are (here scaled 100x), and the gain trains; the bridge and SmolVLM's linear
+    projector refuse it by name."""
+    from model import build_connector
+    torch.manual_seed(0)
+    tok = Tokenizer.build('word', TEXTS)
+    cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=1, n_head=2, n_embd=32),
+                    ConnectorConfig(kind=connector, in_dim=32, out_dim=48, scale_factor=2, out_norm=True),
+                    DecoderConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=4, n_kv_head=2, n_embd=48,
+                                  intermediate_size=96), image_token_id=tok.image_token_id)
+    model = VLM(cfg)
+    want = model.llm.embed_tokens.weight.pow(2).mean(-1).sqrt().mean()
+    with torch.no_grad():
+        for p in model.connector.parameters():
+            if p.dim() == 2:
+                p.mul_(100)
+    e = model.image_embeddings(images(2))
+    torch.testing.assert_close(e.pow(2).mean(-1).sqrt(), want.expand(e.shape[:2]), rtol=1e-4, atol=0)
+    e.sum().backward()
+    assert model.connector.mlp.norm.weight.grad is not None if connector == 'pixel_shuffle' else \
+        model.connector.norm.weight.grad is not None
+    for kind, match in (('bridge', 'out_norm needs image tokens'), ('pixel_shuffle_linear', 'out_norm needs the MLP')):
+        with pytest.raises(ValueError, match=match):
+            build_connector(ConnectorConfig(kind=kind, out_norm=True))
+
+
 def test_unmasked_causal_training_path_equals_the_masked_reference():
     """A right-padded training batch runs without a mask (is_causal, grouped-query heads shared in the kernel):
     its loss and every gradient equal those of the explicit causal-and-padding mask with K and V repeated."""
