@@ -187,13 +187,10 @@ class ConnectorConfig:
     out_dim: int = 256
     scale_factor: int = 2  # pixel_shuffle: s x s neighbouring patches become one token
     n_head: int = 8  # bridge: attention heads
-    out_norm: bool = False  # an RMSNorm on the image tokens, its gain starting at the LLM's embedding scale
+    out_norm: bool = False  # an RMSNorm on the image tokens, its gain starting at the LLM's token-embedding scale
 
 
-class MLPProjector(nn.Module):
-    """LLaVA-1.5's projector; out_norm=True ends it with an RMSNorm, so the image tokens enter the LLM at the
-    scale its gain sets (VLM sets it to a pretrained LLM's token-embedding scale) however the weights grow."""
-
+class MLPProjector(nn.Module):  # LLaVA-1.5's; out_norm: the image tokens' scale is the norm's gain, not the weights'
     def __init__(self, in_dim, out_dim, out_norm=False):
         super().__init__()
         self.fc1 = nn.Linear(in_dim, out_dim)
@@ -214,8 +211,6 @@ class PixelShuffleProjector(nn.Module):
         super().__init__()
         self.s = scale_factor
         if linear:
-            if out_norm:
-                raise ValueError("out_norm needs the MLP: SmolVLM's linear projector has no norm to export")
             self.proj = nn.Linear(in_dim * scale_factor ** 2, out_dim, bias=False)
         else:
             self.mlp = MLPProjector(in_dim * scale_factor ** 2, out_dim, out_norm)
@@ -266,9 +261,9 @@ class CrossAttentionBridge(nn.Module):
 
 
 def build_connector(cfg: ConnectorConfig):
+    if cfg.out_norm and cfg.kind not in ('mlp', 'pixel_shuffle'):
+        raise ValueError(f"out_norm ends the MLP projector: connector 'mlp' or 'pixel_shuffle', not {cfg.kind!r}")
     if cfg.kind == 'bridge':
-        if cfg.out_norm:
-            raise ValueError("out_norm needs image tokens: the bridge has none (its gates start at 0 instead)")
         return CrossAttentionBridge(cfg.in_dim, cfg.out_dim, cfg.n_head)
     if cfg.kind == 'mlp':
         return MLPProjector(cfg.in_dim, cfg.out_dim, cfg.out_norm)
@@ -541,10 +536,9 @@ class VLM(nn.Module):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.llm.n_layer))
             elif name.endswith(('proj.weight', 'fc2.weight')) and name.startswith('vision_tower'):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * cfg.vision.n_layer))
-        norm = getattr(getattr(self.connector, 'mlp', self.connector), 'norm', None)
-        if norm is not None:  # image tokens start at the scale of the LLM's own token embeddings
-            with torch.no_grad():
-                norm.weight.fill_(self.llm.embed_tokens.weight.float().pow(2).mean(-1).sqrt().mean().item())
+        if cfg.connector.out_norm:  # image tokens start at the scale of the LLM's own token embeddings
+            getattr(self.connector, 'mlp', self.connector).norm.weight.data.fill_(
+                self.llm.embed_tokens.weight.detach().float().pow(2).mean(-1).sqrt().mean().item())
         self.bridge = cfg.connector.kind == 'bridge'  # image features enter by cross-attention, not as tokens
         with torch.no_grad():
             self.num_image_tokens = 0 if self.bridge else self.connector(
