@@ -115,7 +115,7 @@ checkpoint_minutes = 30.0  # also write ckpt.pt once this much training has pass
 log_interval = 10
 progress = True  # on a terminal, a progress bar: iteration, loss, images/s, time left
 plot_curves = True  # out_dir/training_curves.png at each eval (needs matplotlib; without it, nothing)
-peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = measure a large matmul at start
+peak_flops = 0.0  # device peak FLOP/s for MFU; 0 = measure a large matmul at start and at each eval (the best)
 wandb_log = False
 wandb_project = 'glimpse'
 wandb_run_name = 'shapes'
@@ -238,6 +238,8 @@ while True:
     if evaluating:
         if master:
             loss, acc, n, captions = evaluate()
+            if not peak_flops:  # measured again: a start-up figure taken beside other work reads low
+                peak = max(peak, device_peak_flops(device, dtype))
             say(f'eval iter {iter_num}: val loss {loss:.4f} (perplexity {math.exp(loss):.2f})' +
                 (f', accuracy on {n} val questions ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items()))
                  if n else '') + ''.join(f', {k} {v:.3f}' for k, v in captions.items()) +
