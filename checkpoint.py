@@ -237,6 +237,9 @@ def vlm_config(spec, tok, llm=None, vision=None):
     if vision is not None and vision.keep_cls and spec.connector.startswith('pixel_shuffle'):
         raise GlimpseError("config error: vision_cls=True adds a token to the patch grid, which pixel_shuffle cannot "
                            "fold; use connector='mlp'")
+    if spec.connector_norm and spec.connector not in ('mlp', 'pixel_shuffle'):
+        raise GlimpseError(f"config error: connector_norm=True ends the MLP projector; with connector="
+                           f"{spec.connector!r} leave it False")
     llm_cfg = llm.cfg if llm is not None else DecoderConfig(
         vocab_size=tok.vocab_size, n_layer=spec.llm_layers, n_head=spec.llm_heads, n_kv_head=spec.llm_kv_heads,
         n_embd=spec.llm_width, intermediate_size=spec.llm_mlp_width, tie_embeddings=spec.tie_embeddings)

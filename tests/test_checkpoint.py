@@ -66,3 +66,13 @@ def test_trust_remote_code_comes_from_the_caller_never_from_a_checkpoint(monkeyp
         with pytest.raises(RuntimeError, match='recorded'):
             from_checkpoint(ckpt, trust_remote_code=passed)
     assert asked == [False, True]
+
+
+def test_connector_norm_on_a_connector_without_the_mlp_is_a_config_error():
+    from checkpoint import ModelSpec, vlm_config
+    from errors import GlimpseError
+    from tokenizer import Tokenizer
+    tok = Tokenizer.build('word', ['<image>\nwhat color is it?', 'red'])
+    with pytest.raises(GlimpseError, match="config error: connector_norm=True .* connector='bridge' leave it False"):
+        vlm_config(ModelSpec(connector='bridge', connector_norm=True), tok)
+    assert vlm_config(ModelSpec(connector='mlp', connector_norm=True), tok).connector.out_norm
