@@ -5,6 +5,7 @@ import importlib.util
 import os
 import sys
 from types import SimpleNamespace
+from unittest import mock
 
 import pytest
 import torch
@@ -218,19 +219,36 @@ def smollm2_gguf():
 
 @pytest.fixture(scope='module')
 def smollm2():
+    """(glimpse's tokenizer, glimpse's Decoder, transformers' LlamaForCausalLM) of the GGUF file. The reference is
+    the model transformers dequantised for load_pretrained_llm, kept as it left it (load_decoder copies its
+    weights into the Decoder, and only the copies of the embedding rows grow): reading and dequantising the
+    file once more, as a second from_pretrained would, took 17 s of the suite."""
     path = smollm2_gguf()
-    tok, llm = load_pretrained_llm(path)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                            dtype=torch.float32).eval()
-    return tok, llm.eval(), ref
+    loaded, real = [], transformers.AutoModelForCausalLM.from_pretrained
+
+    def keep(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+    with mock.patch.object(transformers.AutoModelForCausalLM, 'from_pretrained', keep):
+        tok, llm = load_pretrained_llm(path)
+    (ref,) = loaded
+    assert llm.layers[0].mlp.up_proj.weight.data_ptr() != ref.model.layers[0].mlp.up_proj.weight.data_ptr()
+    return tok, llm.eval(), ref.eval()
 
 
 def test_smollm2_gguf_as_a_frozen_text_tower(smollm2):
     """train_siglip.py --text_tower=smollm2: the middle layer's hidden states, mean-pooled without the first
     (attention-sink) token, equal transformers' own for each text of a right-padded batch."""
+    import copy
+
     from pretrained import FrozenTextEncoder
-    ref = smollm2[2]
-    enc = FrozenTextEncoder(smollm2_gguf())
+    ref, path = smollm2[2], smollm2_gguf()
+
+    def base_model(directory, gguf_file=None):  # transformers' AutoModel of the file: the reference's own base model
+        assert (directory, gguf_file) == (os.path.dirname(path), os.path.basename(path))
+        return copy.deepcopy(ref.model)
+    with mock.patch.object(transformers.AutoModel, 'from_pretrained', base_model):
+        enc = FrozenTextEncoder(path)
     assert enc.causal and enc.layer == ref.config.num_hidden_layers // 2 == 15
     assert len(enc.model.layers) == 16  # the blocks after the pooled layer are dropped; the features below stay exact
     texts = ['a red circle.', 'at the top right a large blue square, at the bottom a small green cross.']
