@@ -26,6 +26,7 @@ from pretrained import HFCausalLM, HFVLM, blocks_kept, hf_tokenizer_from_files, 
 from tokenizer import HFTokenizer, Tokenizer
 from training import seed_everything
 
+CONNECTORS = ('mlp', 'pixel_shuffle', 'pixel_shuffle_linear', 'bridge')  # model.build_connector's kinds
 MODES = ('frozen', 'full', 'lora', 'qlora')  # what a part does in training: per part, vision_mode and llm_mode
 
 
@@ -373,6 +374,8 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
     if spec.hf_vlm:
         model, base = build_hf_vlm(spec, device, ckpt, source, trust_remote_code)
         return model, model.processor, model.cfg, base
+    if spec.connector not in CONNECTORS:  # before any weights load
+        raise GlimpseError(f"config error: --connector={spec.connector!r}: use one of {', '.join(CONNECTORS)}")
     pretrained = None
     if ckpt or spec.init_from not in ('scratch', 'resume'):
         made = ckpt or load_checkpoint(os.path.join(spec.init_from, 'ckpt.pt'))

@@ -76,3 +76,15 @@ def test_connector_norm_on_a_connector_without_the_mlp_is_a_config_error():
     with pytest.raises(GlimpseError, match="config error: connector_norm=True .* connector='bridge' leave it False"):
         vlm_config(ModelSpec(connector='bridge', connector_norm=True), tok)
     assert vlm_config(ModelSpec(connector='mlp', connector_norm=True), tok).connector.out_norm
+
+
+def test_an_unknown_connector_is_a_config_error_before_any_weights_load():
+    """The llm named here does not exist: the connector's error must come first, as one line naming the choices;
+    and every kind the check lets through is one model.build_connector builds."""
+    from checkpoint import CONNECTORS, ModelSpec, build_model
+    from errors import GlimpseError
+    from model import ConnectorConfig, build_connector
+    with pytest.raises(GlimpseError, match="config error: --connector='mpl': use one of mlp, pixel_shuffle, "):
+        build_model(ModelSpec(connector='mpl', llm='/nonexistent/llm'), 'cpu')
+    for kind in CONNECTORS:
+        build_connector(ConnectorConfig(kind=kind, in_dim=8, out_dim=16, scale_factor=2, n_head=2))
