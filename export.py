@@ -243,11 +243,9 @@ def export(src, dst, checkpoint='ckpt.pt', trust_remote_code=False):
     model, tok = load_run(src, 'cpu', checkpoint, trust_remote_code)
     model = merge_lora(model, dequantize=True).eval()
     run_config = torch.load(os.path.join(src, checkpoint), map_location='cpu', weights_only=True)['config']
-    os.makedirs(dst, exist_ok=True)
+    # everything that can refuse runs before dst is made: a refusal leaves no empty directory behind
     if isinstance(model, HFVLM):  # already a transformers model: its weights with the adapters folded in
-        model.model.save_pretrained(dst)
-        tok.processor.save_pretrained(dst)
-        target = 'hf_vlm'
+        target, hf, processor = 'hf_vlm', model.model, tok.processor
     else:
         target = target_of(model.cfg, tok)
         end = '<end_of_utterance>' if target == 'idefics3' and isinstance(tok, Tokenizer) else '<|end|>'
@@ -264,8 +262,9 @@ def export(src, dst, checkpoint='ckpt.pt', trust_remote_code=False):
                                        chat_template=hf_tok.chat_template)
         hf.generation_config = GenerationConfig(eos_token_id=tok.eot_id, pad_token_id=tok.pad_id,
                                                 bos_token_id=getattr(tok, 'bos_id', None), do_sample=False)
-        hf.save_pretrained(dst)
-        processor.save_pretrained(dst)
+    os.makedirs(dst, exist_ok=True)
+    hf.save_pretrained(dst)
+    processor.save_pretrained(dst)
     with open(os.path.join(dst, 'README.md'), 'w') as f:
         f.write(model_card(src, checkpoint, target, run_config))
     return target

@@ -101,6 +101,7 @@ def test_a_run_that_cannot_map_is_a_one_line_error(tiny_run, tmp_path):
     assert p.returncode != 0 and 'Traceback' not in p.stderr, p.stderr[-2000:]
     last = p.stderr.strip().splitlines()[-1]
     assert last.startswith("export error: connector: 'pixel_shuffle' has no Hugging Face counterpart"), p.stderr
+    assert not (tmp_path / 'x').exists()  # a refusal writes nothing, not even the directory
 
 
 def test_what_has_no_counterpart_is_refused_by_name():
