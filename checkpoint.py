@@ -12,6 +12,7 @@ Hugging Face VLM) and a fingerprint of it, which the rebuilt base must match.
 
     python checkpoint.py merge out/lora out/merged [--dequantize]   # adapters folded into full weights
 """
+import itertools
 import math
 import os
 import sys
@@ -23,7 +24,7 @@ from errors import GlimpseError
 from lora import DEFAULT_TARGETS, apply_lora, merge_lora
 from model import VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig, checkpoint_context
 from pretrained import HFCausalLM, HFVLM, blocks_kept, hf_tokenizer_from_files, load_pretrained_llm, load_pretrained_vision
-from tokenizer import HFTokenizer, Tokenizer
+from tokenizer import HFTokenizer, Tokenizer, label_texts
 from training import seed_everything
 
 CONNECTORS = ('mlp', 'pixel_shuffle', 'pixel_shuffle_linear', 'bridge')  # model.build_connector's kinds
@@ -59,6 +60,7 @@ class ModelSpec:
     tokenizer: str = 'word'
     image_layout: str = 'plain'
     system_prompt: str = None  # a pretrained LLM's chat: the system turn of every conversation (tokenizer.HFTokenizer)
+    image_token_labels: tuple = ()  # words written before each image token (tokenizer.label_ids)
     # what trains
     vision_mode: str = 'full'
     llm_mode: str = 'full'
@@ -118,11 +120,14 @@ def tokenizer_from_state(s):
     if s['kind'] == 'hf':
         tok = hf_tokenizer_from_files(s['files'], s.get('image_layout', 'plain'))
         tok.system_prompt = s.get('system_prompt')
+        tok.image_token_labels = tuple(s.get('image_token_labels', ()))
         return tok
     if s['kind'] == 'hf_processor':
         raise GlimpseError(f"checkpoint error: this run fine-tuned {s['source']}, whose processor comes with the "
                            f"model: load the run with checkpoint.load_run")
-    return Tokenizer(s['kind'], s['words'], s.get('image_layout', 'plain'))
+    tok = Tokenizer(s['kind'], s['words'], s.get('image_layout', 'plain'))
+    tok.image_token_labels = tuple(s.get('image_token_labels', ()))
+    return tok
 
 
 # -----------------------------------------------------------------------------
@@ -372,6 +377,9 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
     built from texts when the LLM starts from scratch. model_cfg: the VLMConfig (an HFVLM's only summarises
     its sizes, for MFU); base: what a partial checkpoint needs to rebuild its base (None if all trains)."""
     if spec.hf_vlm:
+        if spec.image_token_labels:
+            raise GlimpseError('config error: image_token_labels writes words between glimpse\'s own image tokens; '
+                               'an hf_vlm\'s processor lays out its images itself: leave image_token_labels empty')
         model, base = build_hf_vlm(spec, device, ckpt, source, trust_remote_code)
         return model, model.processor, model.cfg, base
     if spec.connector not in CONNECTORS:  # before any weights load
@@ -383,6 +391,7 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
     elif spec.init_from == 'resume':
         raise GlimpseError('config error: init_from=resume needs the checkpoint of the run to resume')
     else:
+        texts = itertools.chain(texts, label_texts(spec.image_token_labels))  # a word vocabulary holds the labels
         tok, llm = (Tokenizer.build(spec.tokenizer, texts, spec.image_layout), None) if spec.llm == 'scratch' else \
             load_llm(spec.llm, spec.image_layout)
         vision = load_vision(spec.vision, spec.vision_layer, spec.vision_cls) if spec.vision != 'scratch' else None
@@ -393,7 +402,12 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
             raise GlimpseError('config error: system_prompt is for a pretrained LLM\'s chat template (llm=...); '
                                'glimpse\'s own tokenizer writes no system turn')
         tok.system_prompt = spec.system_prompt
+    if spec.image_token_labels:  # else an earlier run's own (its tokenizer state), if any
+        tok.image_token_labels = tuple(spec.image_token_labels)
     model, base = build_vlm(model_cfg, spec, device, ckpt, source, pretrained)
+    if tok.image_token_labels and len(tok.image_token_labels) != model.num_image_tokens:
+        raise GlimpseError(f'config error: image_token_labels names {len(tok.image_token_labels)} image tokens but '
+                           f'the model makes {model.num_image_tokens}; give one label per image token, or none')
     return model, tok, model_cfg, base
 
 

@@ -286,6 +286,20 @@ def conversation(record, caption_prompt=CAPTION_PROMPT):
             {'role': 'assistant', 'content': record['captions'][0]}]
 
 
+GRID_CELLS = 9  # prepare_data.py shapes: objects on a 3x3 grid, cells numbered in reading order
+
+
+def cell_words(record, where='a record'):
+    """What each grid cell of a shapes scene holds, from the record's 'objects' (cell, color, shape), in reading
+    order: 'red circle', or 'nothing' for an empty cell (word_align.py's targets)."""
+    objects = record.get('objects')
+    if not isinstance(objects, list) or any(not {'cell', 'color', 'shape'} <= set(o) for o in objects):
+        raise GlimpseError(f"data error: {where} has no 'objects' with cell, color and shape, which word_align_iters "
+                           f"needs (prepare_data.py shapes writes them); train with word_align_iters=0")
+    cells = {o['cell']: f"{o['color']} {o['shape']}" for o in objects}
+    return [cells.get(c, 'nothing') for c in range(GRID_CELLS)]
+
+
 def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
     """Token ids, supervised flags, positions and segment ids of a conversation.
     isolate_turns=False: one causal conversation; every token is in segment 0.

@@ -96,6 +96,9 @@ def target_of(cfg, tok):
     if c.kind not in ('pixel_shuffle_linear', 'mlp'):
         raise why('connector', f"{c.kind!r} has no Hugging Face counterpart; train with connector='pixel_shuffle_linear' "
                                f"(exports to Idefics3) or 'mlp' (LLaVA)")
+    if tok.image_token_labels:
+        raise why('image_token_labels', 'words between the image tokens, which no Hugging Face processor writes; '
+                                        'train with image_token_labels=()')
     if c.out_norm:
         raise why('connector_norm', 'True: LLaVA\'s projector ends without a norm; train with --connector_norm=False')
     if v.patch_overlap:

@@ -29,12 +29,36 @@ def check_image_layout(image_layout):
         raise GlimpseError(f"config error: --image_layout={image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
 
 
-def image_run(image_token_id, n, around=None):
-    """The ids one '<image>' becomes: n image placeholders; with around = (fake, global) ids (Idefics3's layout),
-    fake, global, the n placeholders, fake. No placeholders (the bridge): nothing."""
+def image_run(image_token_id, n, around=None, labels=None):
+    """The ids one '<image>' becomes: n image placeholders; with labels (n lists of ids, label_ids), each
+    placeholder after its label; with around = (fake, global) ids (Idefics3's layout), fake, global, the
+    placeholders, fake. No placeholders (the bridge): nothing."""
     if not n:
         return []
-    return [around[0], around[1]] + [image_token_id] * n + [around[0]] if around else [image_token_id] * n
+    if labels:
+        if len(labels) != n:
+            raise GlimpseError(f'config error: image_token_labels names {len(labels)} image tokens but the model '
+                               f'makes {n}; give one label per image token, or none')
+        run = [t for label in labels for t in label + [image_token_id]]
+    else:
+        run = [image_token_id] * n
+    return [around[0], around[1]] + run + [around[0]] if around else run
+
+
+def label_texts(labels):
+    """image_token_labels ('top left', 'top', ...) -> the texts written before each image token: 'top left: ',
+    ', top: ', ... (SmolVLM writes <row_1_col_1> before each tile's tokens; here words, which a pretrained LLM
+    already knows)."""
+    return [(', ' if i else '') + label + ': ' for i, label in enumerate(labels)]
+
+
+def label_ids(tok):
+    """label_texts of a tokenizer's image_token_labels, encoded (once per set of labels)."""
+    labels = tuple(tok.image_token_labels)
+    cached = getattr(tok, '_label_ids', None)
+    if cached is None or cached[0] != labels:
+        tok._label_ids = cached = (labels, [tok.encode(text) for text in label_texts(labels)])
+    return cached[1]
 
 
 class Tokenizer:
@@ -58,6 +82,7 @@ class Tokenizer:
             range(len(self.SPECIALS))
         self.around = (len(self.SPECIALS), len(self.SPECIALS) + 1) if image_layout == 'idefics3' else None
         self.vocab_size = len(self.itos)
+        self.image_token_labels = ()  # words written before each image token (label_ids); set by checkpoint.build_model
 
     @classmethod
     def build(cls, kind, texts, image_layout='plain'):
@@ -65,7 +90,8 @@ class Tokenizer:
         return cls(kind, words if kind == 'word' else (), image_layout)
 
     def state(self):
-        return {'kind': self.kind, 'words': self.words, 'image_layout': self.image_layout}
+        return {'kind': self.kind, 'words': self.words, 'image_layout': self.image_layout,
+                'image_token_labels': list(self.image_token_labels)}
 
     def encode(self, text):
         if self.kind == 'word':
@@ -87,11 +113,12 @@ class Tokenizer:
         mask, so the supervised tokens are exactly the assistant texts and their <|end|>. Each
         '<image>' becomes num_image_tokens placeholders (image_run)."""
         ids, sup = [self.bos_id], [False]
+        labels = label_ids(self)
         for turn in turns:
             assistant = turn['role'] == 'assistant'
             body = []
             for t in self.encode(turn['content']):
-                body += image_run(t, num_image_tokens, self.around) if t == self.image_token_id else [t]
+                body += image_run(t, num_image_tokens, self.around, labels) if t == self.image_token_id else [t]
             ids += [self.assistant_id if assistant else self.user_id] + body + [self.eot_id]
             sup += [False] + [assistant] * (len(body) + 1)
         if add_generation_prompt:
@@ -116,12 +143,13 @@ class HFTokenizer:
     system_prompt: None renders conversations as the template does (SmolLM2's adds its own system prompt to
     any conversation without one); a string is the system turn of every conversation that has none ('' an
     empty one: SmolLM2 then spends 4 tokens a sequence on it, not 20). It is part of the tokenizer's state,
-    so training, evaluation, sample.py and classify.py all prompt the same way."""
+    so training, evaluation, sample.py and classify.py all prompt the same way, as are image_token_labels."""
     IMAGE = '<image>'
 
     def __init__(self, hf_tokenizer, image_layout='plain'):
         check_image_layout(image_layout)
         self.tok, self.image_layout, self.system_prompt = hf_tokenizer, image_layout, None
+        self.image_token_labels = ()  # words written before each image token (label_ids)
         if not self.tok.chat_template:
             self.tok.chat_template = PLAIN_CHAT_TEMPLATE
         needed = (self.IMAGE,) + (IDEFICS3_AROUND if image_layout == 'idefics3' else ())
@@ -161,10 +189,11 @@ class HFTokenizer:
         rendering of the turns before it; an assistant turn splits into the generation prompt, then the
         answer and the end-of-turn token (supervised), then what follows (a newline)."""
         ids, sup, done = [], [], ''
+        labels = label_ids(self)
 
         def add(text, supervised):
             for t in self.encode(text):
-                run = image_run(t, num_image_tokens, self.around) if t == self.image_token_id else [t]
+                run = image_run(t, num_image_tokens, self.around, labels) if t == self.image_token_id else [t]
                 ids.extend(run)
                 sup.extend([supervised] * len(run))
 
@@ -200,7 +229,8 @@ class HFTokenizer:
             for name in os.listdir(d):
                 with open(os.path.join(d, name), 'rb') as f:
                     files[name] = base64.b64encode(f.read()).decode()
-        return {'kind': 'hf', 'files': files, 'image_layout': self.image_layout, 'system_prompt': self.system_prompt}
+        return {'kind': 'hf', 'files': files, 'image_layout': self.image_layout, 'system_prompt': self.system_prompt,
+                'image_token_labels': list(self.image_token_labels)}
 
 
 class HFProcessor:

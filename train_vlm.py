@@ -26,6 +26,7 @@ from lora import DEFAULT_TARGETS
 from training import (MetricsLogger, batch_counts, caption_scores, checkpoint_due, device_peak_flops,
                       finish_distributed, lora_param_counts, lr_at, make_optimizer, mfu_text, optimizer_step, precision,
                       qa_accuracy, rng_states_of_all_ranks, set_lr, set_rng_state, setup_training, step_flops, val_loss)
+from word_align import word_align
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -68,6 +69,7 @@ tie_embeddings = True
 tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
 system_prompt = None  # a pretrained LLM's chat: None as its template does, or this system turn ('' an empty one)
 image_layout = 'plain'  # an image's tokens: 'plain' (<image> x N) or 'idefics3' (between SmolVLM's markers: export.py)
+image_token_labels = ()  # words before each image token, one per token ('top left', ...: 'top left: <img>, ...')
 max_seq_len = 256
 isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see data.pack_turns)
 pack_samples = False  # fill each row with whole samples up to max_seq_len, none seeing another (see data.collate)
@@ -103,6 +105,10 @@ weight_decay = 0.1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0
+word_align_iters = 0  # before step 1, train the connector alone to put each image token at the LLM's embedding of
+                      # its grid cell's words ('red circle', 'nothing'; word_align.py; needs shapes' 'objects')
+word_align_lr = 2e-3
+word_align_batch = 64
 # evaluation and logging
 eval_interval = 250
 eval_questions = 500  # held-out val questions answered by generation at each eval
@@ -129,6 +135,8 @@ config = apply_config(sys.argv[1:], globals())
 if hf_vlm and (vision_lr or connector_lr or llm_lr):
     raise SystemExit('config error: vision_lr, connector_lr and llm_lr name glimpse\'s own parts; with hf_vlm '
                      'leave them at 0 (learning_rate applies to everything that trains)')
+if hf_vlm and word_align_iters:
+    raise SystemExit('config error: word_align_iters trains glimpse\'s own connector; with hf_vlm leave it at 0')
 if hf_vlm and isolate_turns:
     raise SystemExit('config error: isolate_turns=True needs glimpse\'s own VLM; hf_vlm runs train whole conversations')
 if pack_samples and (hf_vlm or connector == 'bridge'):
@@ -177,6 +185,9 @@ if ckpt:
 evaluated = iter_num if ckpt else -1  # a checkpoint is written just after an eval: not again on resuming
 saved_at = train_time  # training seconds at the last checkpoint (checkpoint_minutes)
 ckpt = None
+if word_align_iters and iter_num == 0:  # a fresh run: resumed and continued runs have their connector
+    train_time += word_align(raw_model, tok, train_set, word_align_iters, word_align_batch, word_align_lr, device,
+                             amp, seed, print if master else lambda *a: None)
 if compile:
     model = torch.compile(model)
 if ddp:

@@ -8,7 +8,7 @@ import torch
 from checkpoint import tokenizer_from_state
 from test_model import TEXTS, conversation
 from test_pretrained import CONVERSATION, byte_tokenizer
-from tokenizer import HFTokenizer, Tokenizer
+from tokenizer import HFTokenizer, Tokenizer, label_texts
 
 
 def test_supervised_tokens_are_exactly_the_answers_and_their_end():
@@ -91,3 +91,34 @@ def _saved(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+LABELS = ('top left', 'top', 'top right')
+
+
+@pytest.mark.parametrize('kind', ['word', 'byte', 'hf'])
+def test_image_token_labels_write_each_label_before_its_token_and_survive_a_checkpoint(kind):
+    """image_token_labels: the prompt reads 'top left: <img>, top: <img>, ...' where '<img>' x n stood,
+    unsupervised, the answers as without labels; kept in the tokenizer's state; a count that does not match the
+    image tokens is a one-line config error."""
+    new = lambda: HFTokenizer(byte_tokenizer()) if kind == 'hf' else \
+        Tokenizer.build(kind, list(TEXTS) + label_texts(LABELS))
+    tok, plain = new(), new()
+    tok.image_token_labels = LABELS
+    ids, sup = tok.encode_chat(conversation(), 3)
+    ref, ref_sup = plain.encode_chat(conversation(), 3)
+    at, img = ref.index(plain.image_token_id), plain.image_token_id
+    run = [t for text in ('top left: ', ', top: ', ', top right: ') for t in tok.encode(text) + [img]]
+    assert ids == ref[:at] + run + ref[at + 3:]
+    assert unk_free(tok, ids) and sup == ref_sup[:at] + [False] * len(run) + ref_sup[at + 3:]
+    if kind != 'word':  # the text itself (the word tokenizer decodes to words, not their spacing)
+        shown = lambda t, ids: ''.join('@' if i == img else t.decode([i]) for i in ids)
+        assert shown(tok, ids) == shown(plain, ref).replace('@@@', 'top left: @, top: @, top right: @')
+    back = tokenizer_from_state(torch.load(_saved(tok.state()), weights_only=True))
+    assert back.image_token_labels == LABELS and back.encode_chat(conversation(), 3) == (ids, sup)
+    with pytest.raises(SystemExit, match='image_token_labels names 3 image tokens but the model makes 4'):
+        tok.encode_chat(conversation(), 4)
+
+
+def unk_free(tok, ids):
+    return getattr(tok, 'unk_id', None) not in ids
