@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from conftest import run
+from prepare_data import POSITIONS
 from test_prepare_data import prepare, save_jpeg
 from test_pretrained import save_tiny as save_tiny_llm
 from test_vision_backbones import save_tiny as save_tiny_vision
@@ -140,3 +141,16 @@ def test_shapes_export_recipe_exports_to_idefics3(shapes_dir, tmp_path):
     assert ckpt['model_config']['connector']['kind'] == 'pixel_shuffle_linear'
     p = run([sys.executable, 'export.py', str(tmp_path / 'out'), str(tmp_path / 'hf')])
     assert 'as idefics3' in p.stdout and (tmp_path / 'hf' / 'model.safetensors').exists()
+
+
+def test_shapes_smollm2_recipe_labels_the_cells_and_word_aligns_first(shapes_dir, tmp_path):
+    """config/shapes_smollm2.py on a shapes.py tower, a tiny Llama standing in for SmolLM2: the connector's word
+    alignment runs before step 1, the cells' position words are in the run's tokenizer, the LLM trains as LoRA."""
+    recipe('config/shapes.py', shapes_dir, tmp_path / 'tower', '--test_at_end=False')
+    save_tiny_llm('llama', tmp_path / 'llama')
+    p, ckpt = recipe('config/shapes_smollm2.py', shapes_dir, tmp_path / 'out', f'--vision={tmp_path / "tower"}',
+                     f'--llm={tmp_path / "llama"}', '--word_align_iters=10', '--word_align_batch=4',
+                     '--max_seq_len=512', '--eval_questions=8', '--test_at_end=False')  # bytes: longer rows
+    assert p.stdout.index('word align 10/10') < p.stdout.index('iter 1:')
+    assert tuple(ckpt['tokenizer']['image_token_labels']) == POSITIONS
+    assert any('lora_A' in k for k in ckpt['model']) and any(k.startswith('connector.') for k in ckpt['model'])
