@@ -22,20 +22,23 @@ from errors import GlimpseError
 from training import lr_at, set_lr
 
 
-def word_targets(tok, embeddings, dataset, indices):
-    """(B, 9, C) float32 targets: per record, per cell, the summed embeddings of its words' tokens."""
-    ids = {}  # words -> token ids, encoded once
+def word_targets(tok, embeddings, dataset, indices, vectors=None):
+    """(B, 9, C) float32 targets: per record, per cell, the summed embeddings of its words' tokens.
+    vectors: words -> their target, filled as words come (a caller's dict keeps them across calls)."""
+    vectors = {} if vectors is None else vectors
     rows = []
     for i in indices:
         r = dataset.records[i]
         words = cell_words(r, f"record {r.get('id', i)} of {dataset.data_dir}")
-        rows.append(torch.stack([embeddings[ids.setdefault(w, tok.encode(' ' + w))].sum(0) for w in words]))
+        for w in set(words) - vectors.keys():
+            vectors[w] = embeddings[tok.encode(' ' + w)].sum(0)
+        rows.append(torch.stack([vectors[w] for w in words]))
     return torch.stack(rows)
 
 
 def word_align(model, tok, dataset, iters, batch_size, lr, device, amp, seed=0, log=print):
     """Train model.connector alone for iters steps toward word_targets; returns the seconds it took."""
-    if model.bridge or model.num_image_tokens != GRID_CELLS:
+    if model.num_image_tokens != GRID_CELLS:  # (the bridge makes none)
         raise GlimpseError(f'config error: word_align_iters needs one image token per grid cell ({GRID_CELLS}), '
                            f'the model makes {model.num_image_tokens}: use connector=\'pixel_shuffle\' with '
                            f'pixel_shuffle_factor=3 on the shapes tower, or word_align_iters=0')
@@ -44,11 +47,12 @@ def word_align(model, tok, dataset, iters, batch_size, lr, device, amp, seed=0, 
     params = list(model.connector.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
+    vectors = {}  # words -> target, across steps
     for it in range(iters):
         set_lr(opt, lr_at(it, lr, 0.0, min(20, iters // 10), iters))
         idx = rng.integers(len(dataset), size=batch_size)
         images = torch.from_numpy(np.stack([dataset.images[dataset.records[i]['image']] for i in idx])).to(device)
-        target = word_targets(tok, embeddings, dataset, idx).to(device)
+        target = word_targets(tok, embeddings, dataset, idx, vectors).to(device)
         with torch.no_grad(), amp():
             features = model.vision_tower(images)
         out = model.connector(features.float()).float()
