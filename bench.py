@@ -23,8 +23,9 @@ import torch
 from checkpoint import ModelSpec, build_model
 from configurator import apply_config, script_defaults
 from data import DataOrder, VLMDataset, collate
-from training import (attention_kernels, autocast_context, batch_counts, device_peak_flops, lora_param_counts,
-                      make_optimizer, mfu_text, optimizer_step, pick_device, pick_dtype, seed_everything, step_flops)
+from optim import make_optimizer, optimizer_step
+from perf import attention_kernels, batch_counts, device_peak_flops, lora_param_counts, mfu_text, step_flops
+from runtime import autocast_context, pick_device, pick_dtype, seed_everything
 
 globals().update(script_defaults('train_vlm.py'))  # the same keys and defaults as training
 bench_iters = 20
@@ -41,8 +42,9 @@ device_type = device.split(':')[0]
 dtype = config['dtype'] = pick_dtype(dtype, device_type)
 amp = functools.partial(autocast_context, device_type, dtype)
 train_set = VLMDataset(data_dir, 'train', max_samples)
-model, tok, model_cfg, _ = build_model(ModelSpec.from_config(config), device, train_set.texts(),
-                                       trust_remote_code=trust_remote_code)
+spec = ModelSpec.from_config(config)
+spec.check(device_type, config)
+model, tok, model_cfg, _ = build_model(spec, device, train_set.texts(), trust_remote_code=trust_remote_code)
 n_img = model.num_image_tokens
 lr_scales = {part: lr / learning_rate for part, lr in
              (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
@@ -53,15 +55,15 @@ step_model = torch.compile(model) if compile else model
 order = DataOrder(len(train_set), seed)
 batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, isolate_turns=isolate_turns,
                    pack=pack_samples) for _ in range(grad_accum)]
-# per batch: samples, image tokens, tokens, supervised tokens (counted as train_vlm.py counts them)
+# per batch, counted as train_vlm.py counts them (perf.BatchCounts)
 counts = [batch_counts(b, model_cfg.image_token_id) for b in batches]
-padding = 1 - sum(c[2] for c in counts) / sum(b['input_ids'].numel() for b in batches)  # share of the rows
+padding = 1 - sum(c.tokens for c in counts) / sum(b['input_ids'].numel() for b in batches)  # share of the rows
 batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
-n_samples, n_image = sum(c[0] for c in counts), sum(c[1] for c in counts)
-n_text = sum(c[2] for c in counts) - n_image
+n_samples, n_image = sum(c.samples for c in counts), sum(c.image_tokens for c in counts)
+n_text = sum(c.tokens for c in counts) - n_image
 lora_params = lora_param_counts(model)
 flops = step_flops(model_cfg, counts, vision_mode, llm_mode, lora_params, head_on_supervised=not hf_vlm)
-n_sup = sum(c[3] for c in counts)
+n_sup = sum(c.supervised for c in counts)
 peak = peak_flops or device_peak_flops(device, dtype)
 
 

@@ -22,12 +22,13 @@ import torch
 
 from errors import GlimpseError
 from lora import DEFAULT_TARGETS, apply_lora, merge_lora
-from model import VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig, checkpoint_context
-from pretrained import HFCausalLM, HFVLM, blocks_kept, hf_tokenizer_from_files, load_pretrained_llm, load_pretrained_vision
-from tokenizer import HFTokenizer, Tokenizer, label_texts
-from training import seed_everything
+from model import CONNECTORS, VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig, checkpoint_context
+from optim import check_optimizer
+from pretrained import (HFCausalLM, HFVLM, blocks_kept, hf_tokenizer_from_files, is_native_llm, load_pretrained_llm,
+                        load_pretrained_vision, pretrained_vision_config)
+from tokenizer import IMAGE_LAYOUTS, Tokenizer, label_texts
+from runtime import seed_everything
 
-CONNECTORS = ('mlp', 'pixel_shuffle', 'pixel_shuffle_linear', 'bridge')  # model.build_connector's kinds
 MODES = ('frozen', 'full', 'lora', 'qlora')  # what a part does in training: per part, vision_mode and llm_mode
 
 
@@ -85,6 +86,137 @@ class ModelSpec:
 
     def trains_everything(self):
         return self.vision_mode == self.llm_mode == 'full'
+
+    def check(self, device_type='cpu', config=None):
+        """Refuse a bad choice or combination with one line naming the key and what to use instead, before any
+        weights load. train_vlm.py calls it once at start-up; config: the script's other keys (learning rates,
+        word alignment, batching) whose combinations with the model are refused here too."""
+        c = config or {}
+        for part, mode in (('vision', self.vision_mode), ('llm', self.llm_mode)):
+            if mode not in MODES:
+                _refuse(f"--{part}_mode={mode!r}: use one of {', '.join(MODES)}")
+        if 'qlora' in (self.vision_mode, self.llm_mode) and self.qlora_quant_type not in ('nf4', 'fp4'):
+            _refuse(f"--qlora_quant_type={self.qlora_quant_type!r}: use 'nf4' or 'fp4'")
+        if self.attention not in ('sdpa', 'flex'):
+            _refuse(f"attention={self.attention!r}: use 'sdpa' or 'flex'")
+        if self.attention == 'flex' and device_type != 'cuda':
+            _refuse(f"attention='flex' trains on CUDA only (FlexAttention has no backward on {device_type} in "
+                    f"torch {torch.__version__}); use attention='sdpa'")
+        check_optimizer(c.get('optimizer', 'adamw'), device_type)
+        if self.hf_vlm:
+            return self._check_hf_vlm(c)
+        if self.connector not in CONNECTORS:
+            _refuse(f"--connector={self.connector!r}: use one of {', '.join(CONNECTORS)}")
+        if self.tokenizer not in ('word', 'byte'):
+            _refuse(f"--tokenizer={self.tokenizer!r}: use 'word' or 'byte'")
+        if self.image_layout not in IMAGE_LAYOUTS:
+            _refuse(f"--image_layout={self.image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
+        if self.connector_norm and self.connector not in ('mlp', 'pixel_shuffle'):
+            _refuse(f"connector_norm=True ends the MLP projector; with connector={self.connector!r} leave it False")
+        if self.vision == 'scratch' and (self.vision_layer != -1 or self.vision_cls):
+            _refuse("vision_layer and vision_cls choose features of a pretrained tower; with vision='scratch' "
+                    "leave them at -1 and False (the vit_* keys shape the ViT)")
+        if self.vision_cls and self.connector.startswith('pixel_shuffle'):
+            _refuse("vision_cls=True adds a token to the patch grid, which pixel_shuffle cannot fold; use "
+                    "connector='mlp'")
+        kind, factor = self.connector, self.pixel_shuffle_factor
+        if self.init_from in ('scratch', 'resume'):
+            tower = self.tower_config()
+            if kind.startswith('pixel_shuffle'):
+                self._check_pixel_shuffle(tower.image_size // tower.patch_size, tower)
+        else:  # the model is the earlier run's, checked when that run started
+            earlier = run_checkpoint(self.init_from)
+            if earlier is None:
+                _refuse(f'--init_from={self.init_from}: no ckpt.pt there; give the out_dir of a train_vlm.py run, '
+                        f"'scratch' or 'resume'")
+            made = earlier['model_config']
+            kind, factor, tower = made['connector']['kind'], made['connector']['scale_factor'], ViTConfig(**made['vision'])
+        grid = tower.image_size // tower.patch_size
+        if self.image_token_labels and kind != 'bridge':
+            n = grid * grid // factor ** 2 if kind.startswith('pixel_shuffle') else \
+                grid * grid + int(tower.cls_token and tower.keep_cls)
+            if len(self.image_token_labels) != n:
+                _refuse(f'image_token_labels names {len(self.image_token_labels)} image tokens but the model makes '
+                        f'{n}; give one label per image token, or none')
+        if self.system_prompt is not None and not self.pretrained_tokenizer():
+            _refuse("system_prompt is for a pretrained LLM's chat template (llm=...); glimpse's own tokenizer "
+                    "writes no system turn")
+        if self.attention == 'flex' and self.llm != 'scratch':
+            run = run_checkpoint(self.llm)
+            if not (run['model_config'].get('hf_llm') is None if run else is_native_llm(self.llm)):
+                _refuse(f"attention='flex' is the native decoder's; {self.llm} runs as a Hugging Face model, which "
+                        f"picks its own: use attention='sdpa'")
+        if c.get('pack_samples') and self.connector == 'bridge':
+            _refuse("pack_samples=True needs image tokens in the sequence, which connector='bridge' has not; leave "
+                    "pack_samples=False")
+
+    def _check_pixel_shuffle(self, grid, tower):
+        """pixel_shuffle folds s x s patches into one token: the side of the patch grid must be a multiple of s."""
+        s = self.pixel_shuffle_factor
+        if s >= 1 and grid % s == 0:
+            return
+        fits = [f for f in range(1, grid + 1) if grid % f == 0]
+        sizes = ', '.join(str(tower.patch_size * s * k) for k in range(1, 4))
+        _refuse(f"pixel_shuffle_factor={s} folds {s}x{s} patches into a token, but image_size={tower.image_size} with "
+                f"patch_size={tower.patch_size} makes a {grid}x{grid} grid: use pixel_shuffle_factor="
+                f"{' or '.join(map(str, fits))}, " + (f"an image_size of {sizes}, ..., " if self.vision == 'scratch'
+                                                       else '') + "or connector='mlp'")
+
+    def tower_config(self):
+        """The vision tower's ViTConfig from config files alone, no weights: the vit_* keys, a pretrained tower's
+        config.json and preprocessor_config.json, or an earlier run's checkpoint (its config, memory-mapped)."""
+        if self.vision == 'scratch':
+            return ViTConfig(image_size=self.image_size, patch_size=self.patch_size)
+        run = run_checkpoint(self.vision)
+        if run is None:
+            return pretrained_vision_config(self.vision, self.vision_layer, self.vision_cls)[0]
+        if self.vision_cls:
+            _refuse(f'vision_cls=True but {self.vision} holds a glimpse ViT, which has no class token')
+        cfg = run.get('model_config', {})
+        if 'vision' not in cfg:
+            raise GlimpseError(f'vision error: {self.vision}/ckpt.pt was not written by train_siglip.py or '
+                               f'train_vlm.py (its model_config has neither image_tower nor vision)')
+        return ViTConfig(**cfg['vision'])
+
+    def pretrained_tokenizer(self):
+        """Whether the run's tokenizer is a pretrained LLM's (an earlier run's, for init_from, or llm's)."""
+        source = self.init_from if self.init_from not in ('scratch', 'resume') else self.llm
+        if source == 'scratch':
+            return False
+        run = run_checkpoint(source)
+        return run is None or run['tokenizer']['kind'] == 'hf'
+
+    def _check_hf_vlm(self, c):
+        for key in ('vision_lr', 'connector_lr', 'llm_lr'):
+            if c.get(key):
+                _refuse("vision_lr, connector_lr and llm_lr name glimpse's own parts; with hf_vlm leave them at 0 "
+                        "(learning_rate applies to everything that trains)")
+        if c.get('word_align_iters'):
+            _refuse("word_align_iters trains glimpse's own connector; with hf_vlm leave it at 0")
+        if c.get('isolate_turns'):
+            _refuse("isolate_turns=True needs glimpse's own VLM; hf_vlm runs train whole conversations")
+        if c.get('pack_samples'):
+            _refuse("pack_samples=True needs image tokens in glimpse's own VLM, not an hf_vlm's; leave "
+                    "pack_samples=False")
+        if self.image_token_labels:
+            _refuse("image_token_labels writes words between glimpse's own image tokens; an hf_vlm's processor "
+                    "lays out its images itself: leave image_token_labels empty")
+        if self.attention == 'flex':
+            _refuse("attention='flex' is the native decoder's; a Hugging Face model picks its own")
+        if self.init_from not in ('scratch', 'resume'):
+            _refuse(f"--init_from={self.init_from!r}: a hf_vlm run starts from its Hugging Face model ('scratch') "
+                    f"or resumes ('resume')")
+
+
+def _refuse(message):
+    raise GlimpseError('config error: ' + message)
+
+
+def run_checkpoint(out_dir):
+    """out_dir/ckpt.pt of an earlier run, memory-mapped (its tensors are read only if used), or None when out_dir
+    holds no run: ModelSpec.check reads configs from it before any weights load."""
+    path = os.path.join(out_dir, 'ckpt.pt')
+    return torch.load(path, map_location='cpu', weights_only=True, mmap=True) if os.path.isfile(path) else None
 
 
 # -----------------------------------------------------------------------------
@@ -207,8 +339,6 @@ def load_vision(source, layer=-1, keep_cls=False):
     path = os.path.join(source, 'ckpt.pt')
     if not os.path.isfile(path):
         return load_pretrained_vision(source, layer, keep_cls)
-    if keep_cls:
-        raise GlimpseError(f'config error: vision_cls=True but {source} holds a glimpse ViT, which has no class token')
     ckpt = load_checkpoint(path)
     cfg = ckpt.get('model_config', {})
     if 'vision' in cfg and 'connector' in cfg:  # a train_vlm.py run
@@ -237,15 +367,6 @@ def vlm_config(spec, tok, llm=None, vision=None):
     """The VLMConfig of spec for this tokenizer. llm: a pretrained Decoder or HFCausalLM, whose config replaces
     the llm_* keys; vision: a pretrained tower's ViTConfig, which replaces the vit_* keys (the connector's input
     width follows)."""
-    if vision is None and (spec.vision_layer != -1 or spec.vision_cls):
-        raise GlimpseError("config error: vision_layer and vision_cls choose features of a pretrained tower; "
-                           "with vision='scratch' leave them at -1 and False (the vit_* keys shape the ViT)")
-    if vision is not None and vision.keep_cls and spec.connector.startswith('pixel_shuffle'):
-        raise GlimpseError("config error: vision_cls=True adds a token to the patch grid, which pixel_shuffle cannot "
-                           "fold; use connector='mlp'")
-    if spec.connector_norm and spec.connector not in ('mlp', 'pixel_shuffle'):
-        raise GlimpseError(f"config error: connector_norm=True ends the MLP projector; with connector="
-                           f"{spec.connector!r} leave it False")
     llm_cfg = llm.cfg if llm is not None else DecoderConfig(
         vocab_size=tok.vocab_size, n_layer=spec.llm_layers, n_head=spec.llm_heads, n_kv_head=spec.llm_kv_heads,
         n_embd=spec.llm_width, intermediate_size=spec.llm_mlp_width, tie_embeddings=spec.tie_embeddings)
@@ -279,15 +400,11 @@ def apply_modes(model, spec):
     if hf_vlm:
         model.requires_grad_(False)
     for part, module, mode in (('vision', model.vision_tower, spec.vision_mode), ('llm', model.llm, spec.llm_mode)):
-        if mode not in MODES:
-            raise GlimpseError(f"config error: --{part}_mode={mode!r}: use one of {', '.join(MODES)}")
         if mode in ('frozen', 'full'):
             module.requires_grad_(mode == 'full')
             continue
-        if mode == 'qlora' and spec.qlora_quant_type not in ('nf4', 'fp4'):
-            raise GlimpseError(f"config error: --qlora_quant_type={spec.qlora_quant_type!r}: use 'nf4' or 'fp4'")
         if mode == 'qlora' and spec.dtype == 'auto':
-            raise ValueError("ModelSpec.dtype is QLoRA's compute dtype: resolve 'auto' first (training.pick_dtype)")
+            raise ValueError("ModelSpec.dtype is QLoRA's compute dtype: resolve 'auto' first (runtime.pick_dtype)")
         try:
             apply_lora(module, spec.lora_targets, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.rslora,
                        quantize=spec.qlora_quant_type if mode == 'qlora' else None,
@@ -297,13 +414,9 @@ def apply_modes(model, spec):
     if hf_vlm and spec.llm_mode == 'full':  # the output head sits outside the language model in these models
         model.model.get_output_embeddings().requires_grad_(True)
     hf_model = model.model if hf_vlm else model.llm.model if isinstance(model.llm, HFCausalLM) else None
-    if spec.attention not in ('sdpa', 'flex'):
-        raise GlimpseError(f"config error: attention={spec.attention!r}: use 'sdpa' or 'flex'")
     if hf_model is None:
         model.llm.grad_checkpointing = spec.grad_checkpointing
         model.llm.attention = spec.attention
-    elif spec.attention == 'flex':
-        raise GlimpseError("config error: attention='flex' is the native decoder's; a Hugging Face model picks its own")
     elif spec.grad_checkpointing:  # the Hugging Face model's own block checkpointing
         hf_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={'use_reentrant': False, 'context_fn': checkpoint_context})
@@ -356,9 +469,6 @@ def build_hf_vlm(spec, device, ckpt=None, source='checkpoint', trust_remote_code
     tensors if given. Its checkpoints hold only what trained, and base: the model's name and fingerprint,
     which a rebuilt base must match. trust_remote_code comes from the person running the command, never from
     a checkpoint. Returns (model, base)."""
-    if spec.init_from not in ('scratch', 'resume'):
-        raise GlimpseError(f"config error: --init_from={spec.init_from!r}: a hf_vlm run starts from its Hugging Face "
-                           f"model ('scratch') or resumes ('resume')")
     name = spec.hf_vlm  # a moved model directory can be given anew: the fingerprint checks it
     model = HFVLM(name, trust_remote_code).to(device)
     base = dict(base_fingerprint(model), hf_vlm=name)
@@ -377,13 +487,8 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
     built from texts when the LLM starts from scratch. model_cfg: the VLMConfig (an HFVLM's only summarises
     its sizes, for MFU); base: what a partial checkpoint needs to rebuild its base (None if all trains)."""
     if spec.hf_vlm:
-        if spec.image_token_labels:
-            raise GlimpseError('config error: image_token_labels writes words between glimpse\'s own image tokens; '
-                               'an hf_vlm\'s processor lays out its images itself: leave image_token_labels empty')
         model, base = build_hf_vlm(spec, device, ckpt, source, trust_remote_code)
         return model, model.processor, model.cfg, base
-    if spec.connector not in CONNECTORS:  # before any weights load
-        raise GlimpseError(f"config error: --connector={spec.connector!r}: use one of {', '.join(CONNECTORS)}")
     pretrained = None
     if ckpt or spec.init_from not in ('scratch', 'resume'):
         made = ckpt or load_checkpoint(os.path.join(spec.init_from, 'ckpt.pt'))
@@ -397,17 +502,11 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
         vision = load_vision(spec.vision, spec.vision_layer, spec.vision_cls) if spec.vision != 'scratch' else None
         model_cfg = vlm_config(spec, tok, llm, vision[0] if vision else None)
         pretrained = (llm, vision[1] if vision else None)
-    if spec.system_prompt is not None:
-        if not isinstance(tok, HFTokenizer):
-            raise GlimpseError('config error: system_prompt is for a pretrained LLM\'s chat template (llm=...); '
-                               'glimpse\'s own tokenizer writes no system turn')
+    if spec.system_prompt is not None:  # a pretrained LLM's tokenizer (ModelSpec.check)
         tok.system_prompt = spec.system_prompt
     if spec.image_token_labels:  # else an earlier run's own (its tokenizer state), if any
         tok.image_token_labels = tuple(spec.image_token_labels)
     model, base = build_vlm(model_cfg, spec, device, ckpt, source, pretrained)
-    if tok.image_token_labels and len(tok.image_token_labels) != model.num_image_tokens:
-        raise GlimpseError(f'config error: image_token_labels names {len(tok.image_token_labels)} image tokens but '
-                           f'the model makes {model.num_image_tokens}; give one label per image token, or none')
     return model, tok, model_cfg, base
 
 

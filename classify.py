@@ -41,7 +41,8 @@ from configurator import apply_config
 from data import IMAGE_EXTS, VLMDataset, image_pixels, open_image
 from model import cut_at, left_pad
 from tokenizer import HFProcessor
-from training import autocast_context, parse_answer, pick_device, pick_dtype
+from metrics import parse_answer
+from runtime import autocast_context, pick_device, pick_dtype
 
 # what to classify
 out_dir = 'out/shapes'  # a glimpse run: out_dir/ckpt.pt

@@ -230,7 +230,7 @@ class VLMDataset:
         for name in ('meta.json', 'shards/index.npy' if sharded else 'images.npy', f'{split}.jsonl'):
             if not os.path.exists(os.path.join(data_dir, name)):
                 raise GlimpseError(f"data error: {os.path.join(data_dir, name)} not found; "
-                                 f"make it with: python prepare_data.py <source> --out_dir={data_dir}")
+                                   f"make it with: python prepare_data.py <source> --out_dir={data_dir}")
         with open(os.path.join(data_dir, 'meta.json')) as f:
             self.meta = json.load(f)
         self.data_dir = data_dir
@@ -286,20 +286,6 @@ def conversation(record, caption_prompt=CAPTION_PROMPT):
             {'role': 'assistant', 'content': record['captions'][0]}]
 
 
-GRID_CELLS = 9  # prepare_data.py shapes: objects on a 3x3 grid, cells numbered in reading order
-
-
-def cell_words(record, where='a record'):
-    """What each grid cell of a shapes scene holds, from the record's 'objects' (cell, color, shape), in reading
-    order: 'red circle', or 'nothing' for an empty cell (word_align.py's targets)."""
-    objects = record.get('objects')
-    if not isinstance(objects, list) or any(not {'cell', 'color', 'shape'} <= set(o) for o in objects):
-        raise GlimpseError(f"data error: {where} has no 'objects' with cell, color and shape, which word_align_iters "
-                           f"needs (prepare_data.py shapes writes them); train with word_align_iters=0")
-    cells = {o['cell']: f"{o['color']} {o['shape']}" for o in objects}
-    return [cells.get(c, 'nothing') for c in range(GRID_CELLS)]
-
-
 def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
     """Token ids, supervised flags, positions and segment ids of a conversation.
     isolate_turns=False: one causal conversation; every token is in segment 0.
@@ -353,7 +339,7 @@ def encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns=Fal
         image_end = max((i for i, t in enumerate(ids) if t == tokenizer.image_token_id), default=-1) + 1
         if image_end >= max_len:
             raise GlimpseError(f'config error: max_seq_len={max_len} leaves no room after the {num_image_tokens} '
-                             f'image tokens; raise max_seq_len')
+                               f'image tokens; raise max_seq_len')
         ids, sup, pos, seg = ids[:max_len], sup[:max_len], pos[:max_len], seg[:max_len]
         truncated += 1
     targets = [t if s and sg == sg_prev else IGNORE_INDEX
@@ -429,7 +415,7 @@ def answer_spans(processor, messages):
             head, upto = processor.render(messages[:k], True), processor.render(messages[:k + 1])
             if not (upto.startswith(head) and text.startswith(upto)):
                 raise GlimpseError(f'model error: the chat template of {processor.source} renders assistant turn {k} '
-                                 f'differently once more turns follow, so its answers cannot be located')
+                                   f'differently once more turns follow, so its answers cannot be located')
             spans.append((len(head), len(upto)))
     return text, spans
 
@@ -457,13 +443,13 @@ def hf_collate(processor, dataset, indices, max_len, stats=None):
         img, shift = max(j for j, t in enumerate(u) if t == processor.image_token_id), n - len(u)
         if ids[b, img + 1 + shift:n].tolist() != u[img + 1:]:
             raise GlimpseError(f'model error: the processor of {processor.source} changes the text after the image, '
-                             f'so the answer tokens cannot be located')
+                               f'so the answer tokens cannot be located')
         for start, end in row_spans:
             sup = [j for j, (a, z) in enumerate(offsets) if z > start and a < end]
             eot = next((j for j in sup if u[j] in special), None)
             if eot is None:
                 raise GlimpseError(f'model error: the chat template of {processor.source} ends an assistant turn '
-                                 f'without a special (end-of-turn) token; there is nothing to stop generation at')
+                                   f'without a special (end-of-turn) token; there is nothing to stop generation at')
             for j in sup[:sup.index(eot) + 1]:
                 if j > img:  # the image is in the first user turn, before every answer
                     targets[b, j + shift - 1] = u[j]
@@ -472,7 +458,7 @@ def hf_collate(processor, dataset, indices, max_len, stats=None):
         image_end = max(int(r.nonzero().max()) for r in ids == processor.image_token_id)
         if image_end >= max_len - 1:
             raise GlimpseError(f'config error: max_seq_len={max_len} leaves no room after the image tokens '
-                             f'({image_end + 1}); raise max_seq_len')
+                               f'({image_end + 1}); raise max_seq_len')
         if stats is not None:
             stats['truncated'] += int(long.sum())
         batch = {k: v[:, :max_len] if v.shape == ids.shape else v for k, v in batch.items()}
@@ -483,62 +469,64 @@ def hf_collate(processor, dataset, indices, max_len, stats=None):
 
 
 class DataOrder:
-    """A seeded permutation per epoch; state is (epoch, cursor), so a resumed run sees the same order."""
+    """A seeded permutation of the n samples per epoch. A position counts samples from the start of epoch 0;
+    its state, (epoch, cursor), is what a checkpoint keeps, so a resumed run goes on in the same order."""
 
     def __init__(self, n, seed, epoch=0, cursor=0):
-        self.n, self.seed, self.epoch, self.cursor = n, seed, epoch, cursor
-        self._perm = self._permutation()
+        self.n, self.seed, self.position = n, seed, epoch * n + cursor
+        self._epoch, self._perm = None, None  # one epoch's permutation, kept
 
-    def _permutation(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return torch.randperm(self.n, generator=g).tolist()
+    def permutation(self, epoch):
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm
 
-    def take(self, k):
+    def indices(self, start, k):
+        """The k sample indices from position start on, across epoch boundaries."""
         out = []
         while len(out) < k:
-            if self.cursor == self.n:
-                self.epoch, self.cursor = self.epoch + 1, 0
-                self._perm = self._permutation()
-            step = min(k - len(out), self.n - self.cursor)
-            out += self._perm[self.cursor:self.cursor + step]
-            self.cursor += step
+            epoch, cursor = divmod(start + len(out), self.n)
+            out += self.permutation(epoch)[cursor:cursor + k - len(out)]
         return out
 
-    def state(self):
-        return {'epoch': self.epoch, 'cursor': self.cursor}
+    def take(self, k):
+        """The next k indices; the position moves past them."""
+        out = self.indices(self.position, k)
+        self.position += k
+        return out
+
+    def state(self, position=None):
+        """{'epoch', 'cursor'} of the current position (or of the position given)."""
+        epoch, cursor = divmod(self.position if position is None else position, self.n)
+        return {'epoch': epoch, 'cursor': cursor}
 
 
 class StepBatches(torch.utils.data.Dataset):
     """Item k: this process's grad_accum micro-batches of optimizer step k after `order`'s current
-    position, and how many of its samples were truncated. Each item recomputes its indices from
-    (epoch, cursor), so DataLoader workers build steps ahead, in any order, with the data order of
-    an inline run (and of a resumed one)."""
+    position, how many of its samples were truncated, and the data order's state after the step (what a
+    checkpoint written after it keeps). Each item computes its indices from its position alone, so
+    DataLoader workers build steps ahead, in any order, with the data order of an inline run (and of a
+    resumed one)."""
 
     def __init__(self, dataset, order, batch_size, grad_accum, world_size, rank, encode_args):
-        self.dataset, self.n, self.seed = dataset, order.n, order.seed
-        self.start = order.epoch * order.n + order.cursor
+        self.dataset, self.order = dataset, DataOrder(order.n, order.seed, **order.state())  # a copy of its own
         self.batch_size, self.grad_accum, self.world_size, self.rank = batch_size, grad_accum, world_size, rank
         self.encode_args = encode_args  # (tokenizer, num_image_tokens, max_len, isolate_turns, pack)
-        self.epoch, self.perm = None, None
 
     def __len__(self):
         return 1 << 62  # endless: epochs follow one another
 
     def __getitem__(self, k):
-        need = self.batch_size * self.grad_accum * self.world_size
-        pos, idx = self.start + k * need, []
-        while len(idx) < need:  # DataOrder.take from position pos, one epoch's permutation kept at a time
-            epoch, cursor = divmod(pos, self.n)
-            if self.epoch != epoch:
-                self.epoch, self.perm = epoch, DataOrder(self.n, self.seed, epoch)._perm
-            step = min(need - len(idx), self.n - cursor)
-            idx, pos = idx + self.perm[cursor:cursor + step], pos + step
+        need = self.batch_size * self.grad_accum * self.world_size  # samples in one step over all processes
+        start = self.order.position + k * need
+        idx = self.order.indices(start, need)
         tok, n_img, max_len, isolate, pack = self.encode_args
         stats, micro = Counter(), []
         for m in range(self.grad_accum):
             s = (m * self.world_size + self.rank) * self.batch_size
             micro.append(collate(self.dataset, idx[s:s + self.batch_size], tok, n_img, max_len, stats, isolate, pack))
-        return micro, stats['truncated']
+        return micro, stats['truncated'], self.order.state(start + need)
 
 
 def _one_thread(worker_id):  # a worker builds batches; the training step keeps the cores
@@ -546,7 +534,7 @@ def _one_thread(worker_id):  # a worker builds batches; the training step keeps 
 
 
 def step_batches(dataset, order, batch_size, grad_accum, world_size, rank, encode_args, num_workers=0):
-    """Endless (micro-batches, truncated) per optimizer step; num_workers > 0 builds them in that many
+    """Endless (micro-batches, truncated, data-order state) per optimizer step; num_workers > 0 builds them in that many
     DataLoader processes, two steps ahead each (decoding --shards images, tokenizing)."""
     steps = StepBatches(dataset, order, batch_size, grad_accum, world_size, rank, encode_args)
     if num_workers == 0:

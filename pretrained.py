@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from errors import GlimpseError
 from model import (IGNORE_INDEX, ConnectorConfig, Decoder, DecoderConfig, VisionTower, ViTConfig, VLMConfig,
-                   attention_mask, masked_mean)
+                   attention_mask)
+from siglip import masked_mean
 from tokenizer import HFProcessor, HFTokenizer
 
 
@@ -38,7 +39,7 @@ def resolve_pretrained(source):
     if os.path.isdir(source):
         if not os.path.isfile(os.path.join(source, 'config.json')):
             raise GlimpseError(f'pretrained error: {source} has no config.json; give a Hugging Face model directory '
-                             f'(config.json + *.safetensors), a .gguf file, or a model id in the Hugging Face cache')
+                               f'(config.json + *.safetensors), a .gguf file, or a model id in the Hugging Face cache')
         return source, None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
@@ -46,8 +47,16 @@ def resolve_pretrained(source):
         return snapshot_download(source, local_files_only=True), None
     except (LocalEntryNotFoundError, HFValidationError):
         raise GlimpseError(f"pretrained error: '{source}' is not a local directory, a .gguf file or a model in the Hugging "
-                         f"Face cache, and glimpse downloads nothing; download it once on a connected machine with "
-                         f"`hf download {source}` (the cache is ~/.cache/huggingface), or point to a local directory")
+                           f"Face cache, and glimpse downloads nothing; download it once on a connected machine with "
+                           f"`hf download {source}` (the cache is ~/.cache/huggingface), or point to a local directory")
+
+
+def is_native_llm(source):
+    """Whether load_pretrained_llm gives source as the native Decoder (a Llama-family model_type, NATIVE_LLMS),
+    read from its config alone (a GGUF file's metadata)."""
+    from transformers import AutoConfig
+    directory, gguf = resolve_pretrained(source)
+    return AutoConfig.from_pretrained(directory, gguf_file=gguf).model_type in NATIVE_LLMS
 
 
 def read_weights(directory):
@@ -244,7 +253,7 @@ class HFVLM(nn.Module):
         except (ValueError, OSError) as e:  # not an image-text-to-text model, or code it would have to run
             first = (str(e).strip().splitlines() or [''])[0][:200]
             raise GlimpseError(f'pretrained error: cannot load {source} as an image-text-to-text model with its '
-                             f'processor ({type(e).__name__}: {first})')
+                               f'processor ({type(e).__name__}: {first})')
         self.processor = HFProcessor(processor, source)
         if self.vision_tower is self.model or self.llm is self.model:
             raise GlimpseError(f'pretrained error: cannot tell the vision tower and language model of {source} apart')
@@ -324,7 +333,7 @@ def image_preprocessing(model_dir):
     path = os.path.join(model_dir, 'preprocessor_config.json')
     if not os.path.exists(path):
         raise GlimpseError(f'vision error: {path} not found; the tower needs it for image size, resizing and '
-                         f'mean/std (save the model\'s image processor there with save_pretrained)')
+                           f'mean/std (save the model\'s image processor there with save_pretrained)')
     with open(path) as f:
         p = json.load(f)
     side = lambda v: v if isinstance(v, int) else v.get('height', v.get('shortest_edge'))
@@ -339,7 +348,7 @@ def image_preprocessing(model_dir):
         out.update(image_size=side(crop), resize_shortest=side(size))
     elif isinstance(size, dict) and 'shortest_edge' in size:
         raise GlimpseError(f'vision error: {path}: shortest_edge resize without a center crop gives images of '
-                         f'varying shape; glimpse needs a fixed size')
+                           f'varying shape; glimpse needs a fixed size')
     else:  # both sides to size (SigLIP)
         out.update(image_size=side(size))
     if p.get('do_normalize', True):
@@ -362,7 +371,7 @@ def blocks_kept(layer, n_layer, source):
     n_keep = layer if layer > 0 else n_layer + 1 + layer
     if not 1 <= n_keep <= n_layer:
         raise GlimpseError(f'vision error: vision_layer={layer} but {source} has {n_layer} blocks '
-                         f'(use -{n_layer}..-1 or 1..{n_layer})')
+                           f'(use -{n_layer}..-1 or 1..{n_layer})')
     return n_keep
 
 
@@ -408,12 +417,10 @@ def vision_name_map(family, n_layer, n_registers=0, last=True):
     return m, layers, unused
 
 
-def load_pretrained_vision(source, layer=-1, keep_cls=False):
-    """A SigLIP, CLIP or DINOv2 vision tower (or the vision half of a CLIPModel / SiglipModel) from a local
-    directory or a model id in the Hugging Face cache, as (ViTConfig, state_dict of VisionTower).
-    layer: whose output feeds the connector, as an index into Hugging Face's hidden_states (-1: the
-    last block, with the final LayerNorm SigLIP and DINOv2 apply to last_hidden_state; -2: the
-    penultimate block's raw output, as LLaVA takes from CLIP). The blocks after it are not built."""
+def pretrained_vision_config(source, layer=-1, keep_cls=False):
+    """(ViTConfig, directory, Hugging Face config) of a SigLIP, CLIP or DINOv2 vision tower (or the vision half of a CLIPModel /
+    SiglipModel), from its config.json and preprocessor_config.json alone: no weights are read. layer and
+    keep_cls as load_pretrained_vision takes them."""
     model_dir, gguf = resolve_pretrained(source)
     if gguf:
         raise GlimpseError(f'vision error: {source} is a GGUF file; vision= takes a SigLIP, CLIP or DINOv2 directory')
@@ -423,7 +430,7 @@ def load_pretrained_vision(source, layer=-1, keep_cls=False):
     family = VISION_FAMILIES.get(hf.model_type)
     if family is None:
         raise GlimpseError(f"vision error: {model_dir}/config.json is a '{hf.model_type}' model; vision= takes "
-                         f"SigLIP, CLIP or DINOv2 checkpoints ({', '.join(VISION_FAMILIES)})")
+                           f"SigLIP, CLIP or DINOv2 checkpoints ({', '.join(VISION_FAMILIES)})")
     if family == 'dinov2' and getattr(hf, 'use_swiglu_ffn', False):
         raise GlimpseError(f'vision error: {model_dir}: DINOv2 with a SwiGLU MLP (giant) is not supported')
     if hf.hidden_act not in HF_ACTIVATIONS:
@@ -442,7 +449,18 @@ def load_pretrained_vision(source, layer=-1, keep_cls=False):
                     source=os.path.abspath(source) if model_dir == source else f'{source} ({model_dir})', **image_preprocessing(model_dir))
     if keep_cls and not cls:
         raise GlimpseError(f'vision error: vision_cls=True but {source} ({family}) has no class token')
+    return cfg, model_dir, hf
 
+
+def load_pretrained_vision(source, layer=-1, keep_cls=False):
+    """A SigLIP, CLIP or DINOv2 vision tower (or the vision half of a CLIPModel / SiglipModel) from a local
+    directory or a model id in the Hugging Face cache, as (ViTConfig, state_dict of VisionTower).
+    layer: whose output feeds the connector, as an index into Hugging Face's hidden_states (-1: the
+    last block, with the final LayerNorm SigLIP and DINOv2 apply to last_hidden_state; -2: the
+    penultimate block's raw output, as LLaVA takes from CLIP). The blocks after it are not built."""
+    cfg, model_dir, hf = pretrained_vision_config(source, layer, keep_cls)
+    family, C, cls, L, n_keep = VISION_FAMILIES[hf.model_type], cfg.n_embd, cfg.cls_token, hf.num_hidden_layers, cfg.n_layer
+    last = n_keep == L
     tensors = read_weights(model_dir)
     prefix = next((p for p in ('vision_model.', 'dinov2.', 'dinov2_with_registers.', '')
                    if f'{p}embeddings.patch_embedding.weight' in tensors
@@ -471,7 +489,7 @@ def load_pretrained_vision(source, layer=-1, keep_cls=False):
                                                            hf.model_type == 'dinov2_with_registers')], dim=1)
         if tuple(t.shape) != tuple(expected[nat].shape):
             raise GlimpseError(f'vision error: {names[0]} in {model_dir} has shape {tuple(t.shape)}, the native '
-                             f'{nat} needs {tuple(expected[nat].shape)}')
+                               f'{nat} needs {tuple(expected[nat].shape)}')
         state[nat] = t.float().contiguous()
     if set(state) != set(expected):
         raise GlimpseError(f'vision error: no checkpoint tensor for {sorted(set(expected) - set(state))}')

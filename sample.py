@@ -22,7 +22,7 @@ from data import IMAGE_EXTS, image_pixels
 from model import cut_at
 from pretrained import HFVLM
 from tokenizer import HFProcessor
-from training import autocast_context, pick_device, pick_dtype
+from runtime import autocast_context, pick_device, pick_dtype
 
 out_dir = 'out/shapes'  # where train_vlm.py wrote its checkpoints
 hf_vlm = ''  # instead: a Hugging Face image-text-to-text model directory (or cache id), e.g. what export.py wrote

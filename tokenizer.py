@@ -176,7 +176,7 @@ class HFTokenizer:
             if i in special:
                 return i
         raise GlimpseError(f'tokenizer error: the chat template of {self.tok.name_or_path} puts no special token after an assistant '
-                         f'answer, so there is nothing to stop generation at')
+                           f'answer, so there is nothing to stop generation at')
 
     def encode(self, text):
         return self.tok.encode(text, add_special_tokens=False)  # the template writes any <bos> itself
@@ -201,18 +201,18 @@ class HFTokenizer:
             text = self._render(turns[:k + 1], k == len(turns))
             if not text.startswith(done):
                 raise GlimpseError(f'tokenizer error: the chat template of {self.tok.name_or_path} renders turn {k} differently once '
-                                 f'more turns follow, so glimpse cannot encode conversations turn by turn')
+                                   f'more turns follow, so glimpse cannot encode conversations turn by turn')
             piece = text[len(done):]
             if k < len(turns) and turns[k]['role'] == 'assistant':
                 header = self._render(turns[:k], True)[len(done):]
                 if not piece.startswith(header):
                     raise GlimpseError(f'tokenizer error: the chat template of {self.tok.name_or_path} does not start an assistant '
-                                     f'turn with its generation prompt {header!r}')
+                                       f'turn with its generation prompt {header!r}')
                 add(header, False)
                 body = self.encode(piece[len(header):])
                 if self.eot_id not in body:
                     raise GlimpseError(f'tokenizer error: the chat template of {self.tok.name_or_path} ends assistant turn {k} without '
-                                     f'the end-of-turn token {self.tok.convert_ids_to_tokens(self.eot_id)!r}')
+                                       f'the end-of-turn token {self.tok.convert_ids_to_tokens(self.eot_id)!r}')
                 end = body.index(self.eot_id) + 1
                 ids.extend(body)
                 sup.extend([True] * end + [False] * (len(body) - end))
@@ -242,13 +242,13 @@ class HFProcessor:
         self.processor, self.tokenizer, self.source = processor, processor.tokenizer, source
         if not getattr(processor, 'chat_template', None):
             raise GlimpseError(f'pretrained error: the processor of {source} has no chat template; glimpse renders '
-                             f'conversations with the model\'s own one (use an instruction-tuned model)')
+                               f'conversations with the model\'s own one (use an instruction-tuned model)')
         if not self.tokenizer.is_fast:  # the answer tokens are found through character offsets
             raise GlimpseError(f'pretrained error: {source} has no fast tokenizer (tokenizer.json); hf_vlm needs one')
         self.image_token = getattr(processor, 'image_token', None)  # what its chat template writes for an image
         if self.image_token is None:
             raise GlimpseError(f'pretrained error: the processor of {source} names no image token; hf_vlm needs an '
-                             f'image-text-to-text processor (SmolVLM, Idefics3, Qwen2-VL...)')
+                               f'image-text-to-text processor (SmolVLM, Idefics3, Qwen2-VL...)')
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         self.vocab_size = len(self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else \

@@ -23,11 +23,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import load_checkpoint, raw_state_dict, save_checkpoint
 from configurator import apply_config
 from data import DataOrder, VLMDataset
-from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, siglip_loss
+from model import ViTConfig
 from pretrained import FrozenTextEncoder
+from siglip import SigLIP, SigLIPConfig, TextConfig, siglip_loss
 from tokenizer import Tokenizer
-from training import (MetricsLogger, checkpoint_due, finish_distributed, lr_at, make_optimizer, optimizer_step,
-                      precision, rng_states_of_all_ranks, set_lr, set_rng_state, setup_training)
+from optim import lr_at, make_optimizer, optimizer_step, set_lr
+from runtime import (MetricsLogger, checkpoint_due, finish_distributed, precision, rng_states_of_all_ranks,
+                     set_rng_state, setup_training)
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -319,7 +321,7 @@ while True:
               f'R@1 {m["i2t_r1"]:.1%} R@5 {m["i2t_r5"]:.1%}, text->image R@1 {m["t2i_r1"]:.1%} R@5 {m["t2i_r5"]:.1%}' +
               ''.join(f', zero-shot {t} {m["zeroshot_" + t]:.1%}' for t, *_ in tasks) +
               f' (t {raw_model.log_t.exp().item():.1f}, b {raw_model.bias.item():.1f}; {train_time / 60:.1f} min trained)')
-        logger.log({'iter': iter_num, 'train_minutes': train_time / 60, **m}, {f'val/{k}': v for k, v in m.items()})
+        logger.log({'iter': iter_num, 'train_minutes': train_time / 60, **m})
         if iter_num > 0:
             save(os.path.join(out_dir, 'ckpt.pt'), rngs)
             print(f'saved {out_dir}/ckpt.pt')
@@ -357,7 +359,7 @@ while True:
         step_loss = loss.item() / world_size  # the global batch's loss per image
     if iter_num % log_interval == 0 and master:
         dt, train_time, dt_window = dt_window, train_time + dt_window, 0.0
-        logger.log({'iter': iter_num, 'loss': step_loss, 'lr': lr}, {'train/loss': step_loss, 'lr': lr})
+        logger.log({'iter': iter_num, 'loss': step_loss, 'lr': lr})
         print(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {images_seen * world_size / dt:.1f} img/s' +
               (f', {dict(stats)}' if stats else ''))
         images_seen = 0

@@ -23,9 +23,11 @@ from checkpoint import ModelSpec, build_model, load_checkpoint, raw_state_dict, 
 from configurator import apply_config
 from data import DataOrder, VLMDataset, step_batches
 from lora import DEFAULT_TARGETS
-from training import (MetricsLogger, batch_counts, caption_scores, checkpoint_due, device_peak_flops,
-                      finish_distributed, lora_param_counts, lr_at, make_optimizer, mfu_text, optimizer_step, precision,
-                      qa_accuracy, rng_states_of_all_ranks, set_lr, set_rng_state, setup_training, step_flops, val_loss)
+from metrics import caption_scores, qa_accuracy, val_loss
+from optim import lr_at, make_optimizer, optimizer_step, set_lr
+from perf import Throughput, batch_counts, lora_param_counts
+from runtime import (MetricsLogger, checkpoint_due, finish_distributed, precision, rng_states_of_all_ranks,
+                     set_rng_state, setup_training)
 from word_align import word_align
 
 # -----------------------------------------------------------------------------
@@ -132,23 +134,13 @@ dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False
 seed = 1337
 config = apply_config(sys.argv[1:], globals())
-if hf_vlm and (vision_lr or connector_lr or llm_lr):
-    raise SystemExit('config error: vision_lr, connector_lr and llm_lr name glimpse\'s own parts; with hf_vlm '
-                     'leave them at 0 (learning_rate applies to everything that trains)')
-if hf_vlm and word_align_iters:
-    raise SystemExit('config error: word_align_iters trains glimpse\'s own connector; with hf_vlm leave it at 0')
-if hf_vlm and isolate_turns:
-    raise SystemExit('config error: isolate_turns=True needs glimpse\'s own VLM; hf_vlm runs train whole conversations')
-if pack_samples and (hf_vlm or connector == 'bridge'):
-    raise SystemExit('config error: pack_samples=True needs image tokens in glimpse\'s own VLM (not hf_vlm, not '
-                     'connector=\'bridge\'); leave pack_samples=False')
 # -----------------------------------------------------------------------------
 
+# processes, device and precision; then every refusal of the config, before any data or weights load
 ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype, seed, config, out_dir)
 master, device_type = rank == 0, device.split(':')[0]
-if attention == 'flex' and device_type != 'cuda':
-    raise SystemExit(f"config error: attention='flex' trains on CUDA only (FlexAttention has no backward on "
-                     f"{device_type} in torch {torch.__version__}); use attention='sdpa'")
+spec = ModelSpec.from_config(config)  # the keys that decide the model (dtype now resolved)
+spec.check(device_type, config)
 amp, scaler = precision(device_type, dtype)  # autocast (none in fp32), and loss scaling in fp16
 
 # data
@@ -159,8 +151,8 @@ ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from ==
 # model and tokenizer: this run's checkpoint, an earlier run's, or new around the pretrained parts named; the
 # modes (frozen, full, LoRA, QLoRA) and, for partial checkpoints, a base to rebuild (checkpoint.build_model).
 # With hf_vlm the processor is the tokenizer, and model_cfg only summarises sizes (for MFU).
-model, tok, model_cfg, base = build_model(ModelSpec.from_config(config), device, train_set.texts(), ckpt,
-                                          f'{out_dir}/ckpt.pt', trust_remote_code)
+model, tok, model_cfg, base = build_model(spec, device, train_set.texts(), ckpt, f'{out_dir}/ckpt.pt',
+                                          trust_remote_code)
 raw_model = model
 n_img = model.num_image_tokens
 if master:
@@ -168,75 +160,86 @@ if master:
           f'vocab {tok.vocab_size}; '
           f'train {len(train_set)}, val {len(val_set)}; device {device}, dtype {dtype}, world {world_size}')
 
+# optimizer, and what a checkpoint carries besides the weights: where training stands, the data order, the RNGs
 lr_scales = {part: lr / learning_rate for part, lr in
              (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales,
                            dtype)
-order = DataOrder(len(train_set), seed)
-iter_num, best_val, train_time = 0, float('inf'), 0.0  # train_time: seconds in training steps, not evaluation
-evals_since_best = 0  # for early stopping
+iter_num, best_val, evals_since_best = 0, float('inf'), 0  # evals_since_best: for early stopping
+train_time = 0.0  # seconds in training steps, not evaluation
+data_state = {'epoch': 0, 'cursor': 0}  # the data order after the last step (data.DataOrder.state)
 resume_rng = None  # every rank's generators when the checkpoint was written, restored once start-up is done
 if ckpt:
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt.get('scaler', {}))  # fp16's loss scale (older checkpoints have none)
     iter_num, best_val, evals_since_best = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['evals_since_best']
-    order = DataOrder(len(train_set), seed, **ckpt['data_order'])
-    train_time, resume_rng = ckpt['train_time'], ckpt['rng']
+    data_state, train_time, resume_rng = ckpt['data_order'], ckpt['train_time'], ckpt['rng']
 evaluated = iter_num if ckpt else -1  # a checkpoint is written just after an eval: not again on resuming
 saved_at = train_time  # training seconds at the last checkpoint (checkpoint_minutes)
 ckpt = None
-if word_align_iters and iter_num == 0:  # a fresh run: resumed and continued runs have their connector
+
+# a fresh run's word pre-alignment of the connector (resumed and continued runs have theirs); compile; DDP
+if word_align_iters and iter_num == 0:
     train_time += word_align(raw_model, tok, train_set, word_align_iters, word_align_batch, word_align_lr, device,
                              amp, seed, print if master else lambda *a: None)
 if compile:
     model = torch.compile(model)
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
+
+# logs: metrics.jsonl (+ wandb, TensorBoard), and the rates of the steps since the last log line
 logger = MetricsLogger(out_dir, master, iter_num == 0, wandb_log, wandb_project, wandb_run_name, config,
                        tensorboard_log)
-peak = peak_flops or device_peak_flops(device, dtype)
-lora_params = lora_param_counts(raw_model)
+throughput = Throughput(model_cfg, vision_mode, llm_mode, lora_param_counts(raw_model), not hf_vlm, device, dtype,
+                        world_size, peak_flops)
 
 
 def evaluate():
+    """Val loss, accuracy on held-out questions and caption scores, with their log record and line."""
     raw_model.eval()
     loss = val_loss(raw_model, val_set, tok, max_seq_len, batch_size, val_batches, device, amp, isolate_turns)
     acc, n = qa_accuracy(raw_model, val_set, tok, device, amp, eval_questions)
     captions = caption_scores(raw_model, val_set, tok, device, amp, eval_captions)[0] if eval_captions else {}
     raw_model.train()
-    return loss, acc, n, captions
+    line = (f'eval iter {iter_num}: val loss {loss:.4f} (perplexity {math.exp(loss):.2f})' +
+            (f', accuracy on {n} val questions ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items()))
+             if n else '') + ''.join(f', {k} {v:.3f}' for k, v in captions.items()) +
+            f' ({train_time / 60:.1f} min trained)')
+    return loss, {'iter': iter_num, 'train_minutes': train_time / 60, 'val_loss': loss,
+                  'perplexity': math.exp(loss), 'accuracy': acc, **captions}, line
 
 
 def save(path, rngs):
-    # a run that trains only some parts saves those, and how to rebuild (and check) the base
-    partial = {'base': base} if base else {}
-    save_checkpoint({'model': trained_state_dict(raw_model) if base else raw_state_dict(model), **partial,
+    """The run as it stands, to resume from. A run that trains only some parts saves those, and how to rebuild
+    (and check) its base."""
+    save_checkpoint({'model': trained_state_dict(raw_model) if base else raw_state_dict(model),
+                     **({'base': base} if base else {}),
                      'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                      'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(), 'config': config,
                      'iter_num': iter_num, 'best_val_loss': best_val, 'evals_since_best': evals_since_best,
-                     'data_order': order.state(), 'train_time': train_time, 'rng': rngs}, path)
+                     'data_order': data_state, 'train_time': train_time, 'rng': rngs}, path)
 
 
 # -----------------------------------------------------------------------------
-stats = Counter()
-loader = step_batches(train_set, order, batch_size, grad_accum, world_size, rank,
-                      (tok, n_img, max_seq_len, isolate_turns, pack_samples), num_workers)
+# the training loop
+loader = step_batches(train_set, DataOrder(len(train_set), seed, **data_state), batch_size, grad_accum, world_size,
+                      rank, (tok, n_img, max_seq_len, isolate_turns, pack_samples), num_workers)
 if resume_rng is not None:  # after all start-up work that draws (model init, the loader workers' seeds)
     set_rng_state(resume_rng[min(rank, len(resume_rng) - 1)] if isinstance(resume_rng, list) else resume_rng)
 bar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True,
            disable=None if master and progress else True)  # None: shown on a terminal only, not in a log file
 say = tqdm.write  # prints above the bar
 curves = None  # out_dir/training_curves.png once drawn (needs matplotlib)
-dt_window = 0.0
-tokens_text = tokens_img = images_seen = 0
-flops_done = 0.0
+stats = Counter()  # samples cut at max_seq_len since the start
+t_window = 0.0  # seconds of training steps since the last log line
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
     set_lr(optimizer, lr)
-
     stop = iter_num >= max_iters
+
+    # once in a while: an eval (which writes checkpoints), or a checkpoint alone once checkpoint_minutes of
+    # training have passed since the last one (checked at log steps)
     evaluating = (iter_num % eval_interval == 0 or stop) and iter_num != evaluated
-    # between evals, a checkpoint once checkpoint_minutes of training have passed since the last (checked as logged)
     timed = not evaluating and iter_num % log_interval == 0 and \
         checkpoint_due(train_time - saved_at, checkpoint_minutes, master, ddp, device)
     if evaluating or timed:
@@ -246,50 +249,40 @@ while True:
             save(os.path.join(out_dir, 'ckpt.pt'), rngs)
             say(f'saved {out_dir}/ckpt.pt ({checkpoint_minutes:g} min of training since the last checkpoint)')
         saved_at = train_time
-    if evaluating:
-        if master:
-            loss, acc, n, captions = evaluate()
-            if not peak_flops:  # measured again: a start-up figure taken beside other work reads low
-                peak = max(peak, device_peak_flops(device, dtype))
-            say(f'eval iter {iter_num}: val loss {loss:.4f} (perplexity {math.exp(loss):.2f})' +
-                (f', accuracy on {n} val questions ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items()))
-                 if n else '') + ''.join(f', {k} {v:.3f}' for k, v in captions.items()) +
-                f' ({train_time / 60:.1f} min trained)')
-            logger.log({'iter': iter_num, 'train_minutes': train_time / 60, 'val_loss': loss,
-                        'perplexity': math.exp(loss), 'accuracy': acc, **captions},
-                       {'val/loss': loss, 'val/perplexity': math.exp(loss), **{f'val/{k}': v for k, v in captions.items()},
-                        **{f'val/acc_{k}': v for k, v in acc.items()}})
-            curves = (logger.plot() if plot_curves else None) or curves
-            improved = loss < best_val
-            best_val = min(best_val, loss)
-            evals_since_best = 0 if improved else evals_since_best + 1
-            if iter_num > 0:
-                save(os.path.join(out_dir, 'ckpt.pt'), rngs)  # the latest state, to resume from
-                if improved:
-                    save(os.path.join(out_dir, 'best.pt'), rngs)
-                say(f'saved {out_dir}/ckpt.pt' + (' and best.pt' if improved else ''))
-                saved_at = train_time
-            if early_stop_patience and evals_since_best >= early_stop_patience:
-                say(f'early stop: val loss has not improved on {best_val:.4f} for {evals_since_best} evals')
-                stop = True
-        if ddp:  # rank 0 decides; every rank leaves the loop at the same iteration
-            flag = torch.tensor(float(stop), device=device)
-            torch.distributed.broadcast(flag, 0)
-            stop = bool(flag.item())
+    if evaluating and master:
+        loss, record, line = evaluate()
+        say(line)
+        logger.log(record)
+        throughput.remeasure_peak()
+        curves = (logger.plot() if plot_curves else None) or curves
+        improved = loss < best_val
+        best_val, evals_since_best = min(best_val, loss), 0 if improved else evals_since_best + 1
+        if iter_num > 0:
+            save(os.path.join(out_dir, 'ckpt.pt'), rngs)  # the latest state, to resume from
+            if improved:
+                save(os.path.join(out_dir, 'best.pt'), rngs)
+            say(f'saved {out_dir}/ckpt.pt' + (' and best.pt' if improved else ''))
+            saved_at = train_time
+        if early_stop_patience and evals_since_best >= early_stop_patience:
+            say(f'early stop: val loss has not improved on {best_val:.4f} for {evals_since_best} evals')
+            stop = True
+    if evaluating and ddp:  # rank 0 decides; every rank leaves the loop at the same iteration
+        flag = torch.tensor(float(stop), device=device)
+        torch.distributed.broadcast(flag, 0)
+        stop = bool(flag.item())
     if stop:
         break
-    t_step = time.perf_counter()  # evaluation and logging do not count as training time
 
-    # one optimizer step: grad_accum micro-batches on each of world_size processes
-    order.take(batch_size * grad_accum * world_size)  # the loader builds these; order keeps the resume state
-    micro, n_truncated = next(loader)
-    # token counts from the loader's CPU tensors: read from the GPU, each would wait for the kernels before it
-    counts = [batch_counts(b, model_cfg.image_token_id) for b in micro]
+    # one optimizer step: grad_accum micro-batches on each of world_size processes (evaluation and logging do
+    # not count as training time)
+    t_step = time.perf_counter()
+    micro, n_truncated, next_data_state = next(loader)
+    counts = [batch_counts(b, model_cfg.image_token_id) for b in micro]  # on the CPU: no wait for the GPU
     micro = [{key: v.to(device) for key, v in b.items()} for b in micro]
     if n_truncated:
         stats['truncated'] += n_truncated
     # normalise by the supervised tokens of the whole step, over micro-steps and processes
-    n_sup = torch.tensor(float(sum(c[3] for c in counts)), device=device)
+    n_sup = torch.tensor(float(sum(c.supervised for c in counts)), device=device)
     if ddp:
         torch.distributed.all_reduce(n_sup)
     loss_acc = torch.zeros((), device=device)
@@ -301,31 +294,27 @@ while True:
             # DDP averages gradients over processes; multiplying by world_size turns that into a sum
             scaler.scale(loss_sum * world_size / n_sup).backward()
         loss_acc += loss_sum.detach()
-        B, n_image, n_tokens, _ = counts[k]
-        n_text = n_tokens - n_image
-        tokens_text += n_text
-        tokens_img += n_image
-        images_seen += B
-    flops_done += step_flops(model_cfg, counts, vision_mode, llm_mode, lora_params, head_on_supervised=not hf_vlm)
     optimizer_step(model, optimizer, scaler, grad_clip)
-    iter_num += 1
-    dt_window += time.perf_counter() - t_step
+    throughput.add(counts)
+    iter_num, data_state = iter_num + 1, next_data_state
+    t_window += time.perf_counter() - t_step
     bar.update()
 
+    # every log_interval steps: the step's loss over all processes, and the rates since the last log line
     if iter_num % log_interval == 0:
         if ddp:
             torch.distributed.all_reduce(loss_acc)
         step_loss = loss_acc.item() / n_sup.item()  # mean over the step's supervised tokens, all processes
-    if iter_num % log_interval == 0 and master:
-        dt, train_time, dt_window = dt_window, train_time + dt_window, 0.0
-        logger.log({'iter': iter_num, 'loss': step_loss, 'lr': lr}, {'train/loss': step_loss, 'lr': lr})
-        bar.set_postfix_str(f'loss {step_loss:.3f}, {images_seen * world_size / dt:.1f} img/s', refresh=False)
-        say(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {tokens_text * world_size / dt:.0f} text tok/s, '
-            f'{tokens_img * world_size / dt:.0f} image tok/s, {images_seen * world_size / dt:.1f} img/s, ' +
-            mfu_text(flops_done / dt, peak) + (f', {dict(stats)}' if stats else ''))
-        tokens_text = tokens_img = images_seen = 0
-        flops_done = 0.0
+        rates, rates_line = throughput.report(t_window)
+        train_time, t_window = train_time + t_window, 0.0
+        if master:
+            logger.log({'iter': iter_num, 'loss': step_loss, 'lr': lr})
+            bar.set_postfix_str(f"loss {step_loss:.3f}, {rates['img_s']:.1f} img/s", refresh=False)
+            say(f'iter {iter_num}: loss {step_loss:.4f}, lr {lr:.2e}, {rates_line}' +
+                (f', {dict(stats)}' if stats else ''))
 
+# -----------------------------------------------------------------------------
+# the end: weights.pt for sample.py, classify.py and export.py, and the held-out test
 bar.close()
 if master:
     print(f'{iter_num} iterations, {train_time / 60:.1f} min of training')

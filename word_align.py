@@ -10,16 +10,29 @@ forward and the connector's forward and backward (400 steps of 64 images take ~5
 ~5 s for one step through SmolLM2). Token k's target is the sum of the embeddings of the tokens of cell k's
 words (data.cell_words: the shapes grid, whose 3x3 cells fall one to a token with pixel_shuffle_factor=3);
 the loss is the squared error over the target's mean square, so it reads the same at any embedding scale
-(0 a perfect match, 1 what zeros score). A fresh AdamW of its own, warmup then cosine (training.lr_at).
+(0 a perfect match, 1 what zeros score). A fresh AdamW of its own, warmup then cosine (optim.lr_at).
 """
 import time
 
 import numpy as np
 import torch
 
-from data import GRID_CELLS, cell_words
 from errors import GlimpseError
-from training import lr_at, set_lr
+from optim import lr_at, set_lr
+
+
+GRID_CELLS = 9  # prepare_data.py shapes: objects on a 3x3 grid, cells numbered in reading order
+
+
+def cell_words(record, where='a record'):
+    """What each grid cell of a shapes scene holds, from the record's 'objects' (cell, color, shape), in reading
+    order: 'red circle', or 'nothing' for an empty cell (word_align.py's targets)."""
+    objects = record.get('objects')
+    if not isinstance(objects, list) or any(not {'cell', 'color', 'shape'} <= set(o) for o in objects):
+        raise GlimpseError(f"data error: {where} has no 'objects' with cell, color and shape, which word_align_iters "
+                           f"needs (prepare_data.py shapes writes them); train with word_align_iters=0")
+    cells = {o['cell']: f"{o['color']} {o['shape']}" for o in objects}
+    return [cells.get(c, 'nothing') for c in range(GRID_CELLS)]
 
 
 def word_targets(tok, embeddings, dataset, indices, vectors=None):

@@ -11,7 +11,7 @@ from test_pretrained import save_tiny
 def test_bench_reports_speed_mfu_memory_and_the_attention_kernel(shapes_dir):
     """fp32 on a CPU: every attention call (1 ViT + 2 decoder layers) runs SDPA's CPU flash kernel, the causal
     training batch and the isolated turns' mask alike; bf16 autocast on a CPU picks the math kernel on purpose
-    (training.autocast_context), and the report says so."""
+    (runtime.autocast_context), and the report says so."""
     for dtype, kernel in (('float32', 'flash (CPU)'), ('bfloat16', 'math')):
         p = run([sys.executable, 'bench.py', f'--data_dir={shapes_dir}', *TINY, '--batch_size=8', '--bench_iters=3',
                  '--bench_warmup=1', '--isolate_turns=True', f'--dtype={dtype}'])

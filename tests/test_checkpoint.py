@@ -1,11 +1,14 @@
 """checkpoint.py: the spec train_vlm.py builds its model from, and the parts of earlier runs (llm=, vision=)."""
+import re
+
 import pytest
 import torch
 
 import checkpoint
 from checkpoint import ModelSpec, from_checkpoint, load_vision
 from configurator import script_defaults
-from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, VisionTower
+from model import ViTConfig, VisionTower
+from siglip import SigLIP, SigLIPConfig, TextConfig
 
 
 def test_model_spec_holds_train_vlm_keys_and_defaults():
@@ -74,17 +77,62 @@ def test_connector_norm_on_a_connector_without_the_mlp_is_a_config_error():
     from tokenizer import Tokenizer
     tok = Tokenizer.build('word', ['<image>\nwhat color is it?', 'red'])
     with pytest.raises(GlimpseError, match="config error: connector_norm=True .* connector='bridge' leave it False"):
-        vlm_config(ModelSpec(connector='bridge', connector_norm=True), tok)
+        ModelSpec(connector='bridge', connector_norm=True).check()
     assert vlm_config(ModelSpec(connector='mlp', connector_norm=True), tok).connector.out_norm
 
 
 def test_an_unknown_connector_is_a_config_error_before_any_weights_load():
     """The llm named here does not exist: the connector's error must come first, as one line naming the choices;
     and every kind the check lets through is one model.build_connector builds."""
-    from checkpoint import CONNECTORS, ModelSpec, build_model
+    from checkpoint import ModelSpec
     from errors import GlimpseError
-    from model import ConnectorConfig, build_connector
+    from model import CONNECTORS, ConnectorConfig, build_connector
     with pytest.raises(GlimpseError, match="config error: --connector='mpl': use one of mlp, pixel_shuffle, "):
-        build_model(ModelSpec(connector='mpl', llm='/nonexistent/llm'), 'cpu')
+        ModelSpec(connector='mpl', llm='/nonexistent/llm').check()
     for kind in CONNECTORS:
         build_connector(ConnectorConfig(kind=kind, in_dim=8, out_dim=16, scale_factor=2, n_head=2))
+
+
+def test_a_patch_grid_pixel_shuffle_cannot_fold_is_one_line_before_anything_loads(tmp_path):
+    """A newcomer's case: config/shapes.py (pixel_shuffle_factor=3) on 32-px images makes a 4x4 patch grid. One
+    line names the key and the factors that work, before any data or weights load (the data directory and the
+    LLM named here do not exist: their errors would come first otherwise)."""
+    import sys
+
+    from checkpoint import ModelSpec
+    from conftest import run
+    from errors import GlimpseError
+    want = ("config error: pixel_shuffle_factor=3 folds 3x3 patches into a token, but image_size=32 with patch_size=8 "
+            "makes a 4x4 grid: use pixel_shuffle_factor=1 or 2 or 4, an image_size of 24, 48, 72, ..., or "
+            "connector='mlp'")
+    with pytest.raises(GlimpseError) as e:
+        ModelSpec(image_size=32, pixel_shuffle_factor=3, llm='/nonexistent/llm').check()
+    assert str(e.value) == want
+    ModelSpec(image_size=32, pixel_shuffle_factor=2).check()
+    ModelSpec(image_size=72, pixel_shuffle_factor=3).check()
+    p = run([sys.executable, 'train_vlm.py', 'config/shapes.py', f'--data_dir={tmp_path / "none"}', '--image_size=32',
+             f'--out_dir={tmp_path / "out"}'], check=False)
+    assert p.returncode == 1 and p.stderr.strip() == want and 'parameters' not in p.stdout
+
+
+def test_config_refusals_come_before_any_weights_load():
+    """Each bad choice is one line naming the key and what to use, from the spec alone (nothing named exists)."""
+    from checkpoint import ModelSpec
+    from errors import GlimpseError
+    cases = [(dict(vision_mode='lorra'), "--vision_mode='lorra': use one of frozen, full, lora, qlora"),
+             (dict(llm_mode='qlora', qlora_quant_type='int4'), "--qlora_quant_type='int4': use 'nf4' or 'fp4'"),
+             (dict(attention='flex'), "attention='flex' trains on CUDA only"),
+             (dict(system_prompt='be brief'), "system_prompt is for a pretrained LLM's chat template"),
+             (dict(image_token_labels=('a', 'b')), 'image_token_labels names 2 image tokens but the model makes 16'),
+             (dict(connector='mlp', image_token_labels=('a',) * 3),
+              'image_token_labels names 3 image tokens but the model makes 64'),
+             (dict(vision_layer=-2), "vision_layer and vision_cls choose features of a pretrained tower"),
+             (dict(hf_vlm='/nonexistent/vlm', image_token_labels=('a',)), 'an hf_vlm\'s processor lays out'),
+             (dict(init_from='/nonexistent/run'), '--init_from=/nonexistent/run: no ckpt.pt there')]
+    for keys, message in cases:
+        with pytest.raises(GlimpseError, match='^config error: .*' + re.escape(message)):
+            ModelSpec(**keys).check('cpu')
+    with pytest.raises(GlimpseError, match=re.escape("--optimizer=adamw8bit needs CUDA")):
+        ModelSpec().check('cpu', {'optimizer': 'adamw8bit'})
+    with pytest.raises(GlimpseError, match=re.escape("pack_samples=True needs image tokens in the sequence")):
+        ModelSpec(connector='bridge').check('cpu', {'pack_samples': True})

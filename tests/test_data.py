@@ -99,7 +99,8 @@ def test_step_batches_follow_the_data_order_across_epochs():
     steps = StepBatches(_Records(recs), DataOrder(10, 3, epoch=1, cursor=4), 3, 2, 2, 1, (tok, 1, 64, False, False))
     for k in range(5):  # 12 samples a step: every step crosses or nears an epoch boundary
         idx = order.take(12)
-        micro, _ = steps[k]
+        micro, _, state = steps[k]
+        assert state == order.state()
         for m, b in enumerate(micro):  # rank 1 of 2, micro-step m: the slice inline training takes
             want = idx[(m * 2 + 1) * 3:(m * 2 + 2) * 3]
             assert [tok.decode([int(x)]) for x in b['targets'][b['targets'] > tok.eot_id]] == [f'a{i}' for i in want]

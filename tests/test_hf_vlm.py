@@ -16,7 +16,7 @@ from data import VLMDataset, collate, conversation
 from lora import DEFAULT_TARGETS
 from model import IGNORE_INDEX
 from pretrained import HFVLM
-from training import make_optimizer
+from optim import make_optimizer
 
 SHAPES = ['circle', 'square', 'triangle', 'diamond', 'cross']
 LORA = dict(init_from='scratch', vision_mode='frozen', llm_mode='lora', lora_r=8, lora_alpha=16, lora_dropout=0.0,

@@ -12,7 +12,7 @@ from conftest import TINY, run
 from checkpoint import from_checkpoint, load_checkpoint, tokenizer_from_state
 from lora import apply_lora, lora_modules, merge_lora
 from model import VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig
-from training import make_optimizer
+from optim import make_optimizer
 
 
 def tiny_vlm(seed=0):

@@ -335,7 +335,6 @@ def test_training_flops_match_a_flop_counter(vision_mode, llm_mode, connector):
     gradients, a frozen tower its whole backward, and the adapters train in full."""
     from torch.utils.flop_counter import FlopCounterMode
     from lora import apply_lora
-    from training import training_flops_per_sample
     torch.manual_seed(0)
     tok = Tokenizer.build('word', TEXTS)
     cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=64),
@@ -355,8 +354,8 @@ def test_training_flops_match_a_flop_counter(vision_mode, llm_mode, connector):
     n_sup = int((targets[0] != IGNORE_INDEX).sum())
     with FlopCounterMode(display=False) as counter:
         model(torch.tensor([ids, ids]), images(2), targets=targets).backward()
-    formula = 2 * training_flops_per_sample(cfg, len(ids) - model.num_image_tokens, model.num_image_tokens,
-                                            vision_mode, llm_mode, n_supervised=n_sup, lora_params=lora)
+    formula = 2 * cfg.training_flops_per_sample(len(ids) - model.num_image_tokens, model.num_image_tokens,
+                                                vision_mode, llm_mode, n_supervised=n_sup, lora_params=lora)
     assert formula == pytest.approx(counter.get_total_flops(), rel=0.05)
 
 
@@ -468,7 +467,7 @@ def test_compiled_flex_attention_trains_as_the_masked_reference_on_cuda(isolate,
 def test_training_step_runs_the_flash_kernel_on_cuda():
     """A right-padded training batch in bf16 on a GPU: every attention call (ViT and decoder) is SDPA's flash
     kernel, never the math fallback."""
-    from training import attention_kernels
+    from perf import attention_kernels
     tok = Tokenizer.build('word', TEXTS)
     cfg = VLMConfig(ViTConfig(image_size=32, patch_size=8, n_layer=2, n_head=2, n_embd=128),
                     ConnectorConfig(kind='pixel_shuffle', in_dim=128, out_dim=256, scale_factor=2),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import ROOT, TINY, run
-from model import SigLIP, SigLIPConfig, TextConfig, ViTConfig, siglip_loss
+from model import ViTConfig
+from siglip import SigLIP, SigLIPConfig, TextConfig, siglip_loss
 from checkpoint import from_checkpoint, load_vision
 
 SIGLIP_TINY = ['--vit_layers=1', '--vit_width=32', '--vit_heads=2', '--text_layers=1', '--text_width=32',
@@ -34,7 +35,7 @@ def reference_loss(img, txt, t, b, text_ids=None, image_ids=None):
 @pytest.mark.parametrize('groups', [1, 3])
 def test_text_tower_on_a_padded_batch_equals_each_text_alone(groups):
     """Padding changes nothing, and neither does running the batch in length-sorted groups."""
-    from model import TextTower
+    from siglip import TextTower
     torch.manual_seed(0)
     tower = TextTower(TextConfig(vocab_size=50, max_len=16, n_layer=2, n_head=2, n_embd=32)).eval()
     lengths = [5, 16, 2, 9, 5, 12, 1]

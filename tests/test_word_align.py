@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from conftest import TINY, run
-from data import VLMDataset, cell_words
+from data import VLMDataset
 from model import VLM, ConnectorConfig, DecoderConfig, ViTConfig, VLMConfig
 from prepare_data import POSITIONS
 from test_sample import reference_answers, save_test_images
+from runtime import autocast_context
 from tokenizer import Tokenizer
-from training import autocast_context
-from word_align import word_align, word_targets
+from word_align import cell_words, word_align, word_targets
 
 RECORD = {'id': 'r0', 'image': 0, 'objects': [{'cell': 0, 'color': 'red', 'shape': 'circle', 'size': 'large'},
                                               {'cell': 4, 'color': 'blue', 'shape': 'cross', 'size': 'small'}]}
