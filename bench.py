@@ -54,7 +54,7 @@ scaler = torch.amp.GradScaler(enabled=dtype == 'float16')
 step_model = torch.compile(model) if compile else model
 order = DataOrder(len(train_set), seed)
 batches = [collate(train_set, order.take(batch_size), tok, n_img, max_seq_len, isolate_turns=isolate_turns,
-                   pack=pack_samples) for _ in range(grad_accum)]
+                   pack=pack_samples, pad_to_max=attention == 'flex') for _ in range(grad_accum)]
 # per batch, counted as train_vlm.py counts them (perf.BatchCounts)
 counts = [batch_counts(b, model_cfg.image_token_id) for b in batches]
 padding = 1 - sum(c.tokens for c in counts) / sum(b['input_ids'].numel() for b in batches)  # share of the rows

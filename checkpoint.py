@@ -422,12 +422,12 @@ def apply_modes(model, spec):
             gradient_checkpointing_kwargs={'use_reentrant': False, 'context_fn': checkpoint_context})
 
 
-def base_model(model_cfg, spec, init_from, seed, device, pretrained=None):
-    """The model before any training of a run: seeded initial weights around the pretrained LLM and vision
-    tower that spec names, or the weights of the earlier run in the directory init_from (its adapters merged).
-    pretrained: (LLM module, vision weights), either None, when the caller has loaded them already."""
+def base_model(model_cfg, spec, init_from, seed, pretrained=None):
+    """The model before any training of a run, on the CPU: seeded initial weights around the pretrained LLM and
+    vision tower that spec names, or the weights of the earlier run in the directory init_from (its adapters
+    merged). pretrained: (LLM module, vision weights), either None, when the caller has loaded them already."""
     if init_from not in ('scratch', 'resume'):
-        return merge_lora(load_run(init_from)[0], dequantize=True).to(device)
+        return merge_lora(load_run(init_from)[0], dequantize=True)
     if pretrained is None:
         pretrained = (load_llm(spec.llm, spec.image_layout)[1] if spec.llm != 'scratch' else None,
                       load_vision(spec.vision, spec.vision_layer, spec.vision_cls)[1] if spec.vision != 'scratch' else None)
@@ -436,13 +436,15 @@ def base_model(model_cfg, spec, init_from, seed, device, pretrained=None):
     model = VLM(model_cfg, llm=llm)
     if vision is not None:
         model.vision_tower.load_state_dict(vision)
-    return model.to(device)
+    return model
 
 
 def build_vlm(model_cfg, spec, device, ckpt=None, source='checkpoint', pretrained=None):
     """glimpse's VLM of model_cfg on device, set up per spec's modes, with ckpt's weights if given. A run that
     does not train everything saves only what it trained plus ckpt['base']: how to rebuild its base (seeded
-    init or an earlier run) and a fingerprint to check it against. Returns (model, base)."""
+    init or an earlier run) and a fingerprint to check it against. Returns (model, base). The model is built
+    and set up on the CPU and moved to device last: QLoRA quantises there, one layer at a time, so the device
+    never holds the full-precision weights."""
     if ckpt and 'base' not in ckpt:  # full weights
         if not spec.trains_everything():
             raise GlimpseError(f'checkpoint error: {source} trained every part in full; resume it with '
@@ -450,15 +452,16 @@ def build_vlm(model_cfg, spec, device, ckpt=None, source='checkpoint', pretraine
                                f'--init_from=<its out_dir>')
         model = new_vlm(model_cfg)
         model.load_state_dict(ckpt['model'])
-        apply_modes(model.to(device), spec)
-        return model, None
+        apply_modes(model, spec)
+        return model.to(device), None
     init_from = ckpt['base']['init_from'] if ckpt else spec.init_from
     seed = ckpt['base']['seed'] if ckpt else spec.seed
-    model = base_model(model_cfg, spec, 'scratch' if init_from == 'resume' else init_from, seed, device, pretrained)
+    model = base_model(model_cfg, spec, 'scratch' if init_from == 'resume' else init_from, seed, pretrained)
     base = None if spec.trains_everything() else dict(base_fingerprint(model), init_from=init_from, seed=seed)
     if ckpt:
         check_fingerprint(ckpt['base'], base or base_fingerprint(model), source)
     apply_modes(model, spec)
+    model.to(device)
     if ckpt:
         load_trained_state_dict(model, ckpt['model'], source)
     return model, base
@@ -470,11 +473,12 @@ def build_hf_vlm(spec, device, ckpt=None, source='checkpoint', trust_remote_code
     which a rebuilt base must match. trust_remote_code comes from the person running the command, never from
     a checkpoint. Returns (model, base)."""
     name = spec.hf_vlm  # a moved model directory can be given anew: the fingerprint checks it
-    model = HFVLM(name, trust_remote_code).to(device)
+    model = HFVLM(name, trust_remote_code)  # on the CPU, set up there, then moved (as build_vlm)
     base = dict(base_fingerprint(model), hf_vlm=name)
     if ckpt:
         check_fingerprint(ckpt['base'], base, source)
     apply_modes(model, spec)
+    model.to(device)
     if ckpt:
         load_trained_state_dict(model, ckpt['model'], source)
     return model, base

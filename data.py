@@ -362,10 +362,12 @@ def pack_rows(lengths, capacity):
     return rows
 
 
-def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, isolate_turns=False, pack=False):
+def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, isolate_turns=False, pack=False,
+            pad_to_max=False):
     """Right-padded batch: input_ids, targets (IGNORE_INDEX at padding), attention_mask, images,
     and positions and segment_ids when turns are isolated. stats['truncated'] counts the samples
-    cut to fit max_len (none is dropped).
+    cut to fit max_len (none is dropped). pad_to_max: every batch max_len long and at least two rows long
+    (attention='flex': compiled FlexAttention then takes every batch with one recompilation, for the rows).
     pack=True: whole samples share rows of up to max_len tokens (pack_rows), each with its own positions
     from 0 and sample_ids (1, 2, ... in its row; 0 at padding) so that no token attends across samples;
     images holds one image per sample, in the order the samples stand in the rows."""
@@ -380,7 +382,9 @@ def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, 
         seqs.append(enc)
         rows.append(r['image'])
     layout = pack_rows([len(s[0]) for s in seqs], max_len) if pack else [[k] for k in range(len(seqs))]
-    T = max(sum(len(seqs[k][0]) for k in row) for row in layout)
+    T = max_len if pad_to_max else max(sum(len(seqs[k][0]) for k in row) for row in layout)
+    if pad_to_max and len(layout) == 1:  # dynamo specialises a dimension of size 1: a row of padding, no new graph
+        layout = layout + [[]]
     batch = dict(input_ids=torch.full((len(layout), T), tokenizer.pad_id, dtype=torch.long),
                  targets=torch.full((len(layout), T), IGNORE_INDEX, dtype=torch.long),
                  attention_mask=torch.zeros((len(layout), T), dtype=torch.bool),
@@ -509,10 +513,10 @@ class StepBatches(torch.utils.data.Dataset):
     DataLoader workers build steps ahead, in any order, with the data order of an inline run (and of a
     resumed one)."""
 
-    def __init__(self, dataset, order, batch_size, grad_accum, world_size, rank, encode_args):
+    def __init__(self, dataset, order, batch_size, grad_accum, world_size, rank, collate_args):
         self.dataset, self.order = dataset, DataOrder(order.n, order.seed, **order.state())  # a copy of its own
         self.batch_size, self.grad_accum, self.world_size, self.rank = batch_size, grad_accum, world_size, rank
-        self.encode_args = encode_args  # (tokenizer, num_image_tokens, max_len, isolate_turns, pack)
+        self.collate_args = collate_args  # collate's keywords: tokenizer, num_image_tokens, max_len, ...
 
     def __len__(self):
         return 1 << 62  # endless: epochs follow one another
@@ -521,11 +525,10 @@ class StepBatches(torch.utils.data.Dataset):
         need = self.batch_size * self.grad_accum * self.world_size  # samples in one step over all processes
         start = self.order.position + k * need
         idx = self.order.indices(start, need)
-        tok, n_img, max_len, isolate, pack = self.encode_args
         stats, micro = Counter(), []
         for m in range(self.grad_accum):
             s = (m * self.world_size + self.rank) * self.batch_size
-            micro.append(collate(self.dataset, idx[s:s + self.batch_size], tok, n_img, max_len, stats, isolate, pack))
+            micro.append(collate(self.dataset, idx[s:s + self.batch_size], stats=stats, **self.collate_args))
         return micro, stats['truncated'], self.order.state(start + need)
 
 
@@ -533,10 +536,10 @@ def _one_thread(worker_id):  # a worker builds batches; the training step keeps 
     torch.set_num_threads(1)
 
 
-def step_batches(dataset, order, batch_size, grad_accum, world_size, rank, encode_args, num_workers=0):
+def step_batches(dataset, order, batch_size, grad_accum, world_size, rank, collate_args, num_workers=0):
     """Endless (micro-batches, truncated, data-order state) per optimizer step; num_workers > 0 builds them in that many
     DataLoader processes, two steps ahead each (decoding --shards images, tokenizing)."""
-    steps = StepBatches(dataset, order, batch_size, grad_accum, world_size, rank, encode_args)
+    steps = StepBatches(dataset, order, batch_size, grad_accum, world_size, rank, collate_args)
     if num_workers == 0:
         return (steps[k] for k in itertools.count())
     loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=num_workers,

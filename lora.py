@@ -141,9 +141,12 @@ def apply_lora(model, targets=DEFAULT_TARGETS, r=16, alpha=32, dropout=0.0, rslo
     total_before = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
     wrapped = []
-    for name, module in list(model.named_modules()):
+    # by name, each layer looked up as its turn comes: a list of the modules would keep every replaced layer (a
+    # QLoRA base's full-precision weights) alive until the end
+    for name in [n for n, _ in model.named_modules()]:
         if not name or not _matches(name, targets) or any(n in name for n in NEVER):
             continue
+        module = model.get_submodule(name)
         if not isinstance(module, nn.Linear) and type(module).__name__ not in ('Conv1D', 'Linear4bit'):
             continue
         base = module

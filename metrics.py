@@ -14,15 +14,18 @@ from model import IGNORE_INDEX
 
 
 @torch.no_grad()
-def val_loss(model, dataset, tokenizer, max_len, batch_size, n_batches, device, amp, isolate_turns=False):
-    """Mean cross-entropy per supervised token over the first n_batches of the split."""
+def val_loss(model, dataset, tokenizer, max_len, batch_size, n_batches, device, amp, isolate_turns=False,
+             pad_to_max=False):
+    """Mean cross-entropy per supervised token over the first n_batches of the split (batched as collate
+    batches them for training: isolate_turns, pad_to_max)."""
     total, count = 0.0, 0
     for b in range(n_batches):
         idx = list(range(b * batch_size, min(len(dataset), (b + 1) * batch_size)))
         if not idx:
             break
-        batch = {k: v.to(device) for k, v in collate(dataset, idx, tokenizer, model.num_image_tokens, max_len,
-                                                              isolate_turns=isolate_turns).items()}
+        batch = collate(dataset, idx, tokenizer, model.num_image_tokens, max_len, isolate_turns=isolate_turns,
+                        pad_to_max=pad_to_max)
+        batch = {k: v.to(device) for k, v in batch.items()}
         with amp():
             total += model(**batch).item()
         count += int((batch['targets'] != IGNORE_INDEX).sum())

@@ -429,8 +429,12 @@ def flex_block_mask(key_valid, segment_ids=None, sample_ids=None):
 
 @functools.cache
 def compiled_flex_attention():
-    """flex_attention compiled once per process: uncompiled it is a slow reference implementation."""
-    return torch.compile(flex_attention, dynamic=False)
+    """flex_attention compiled once per process: uncompiled it is a slow reference implementation. Batches
+    differ in (B, T) (collate pads to each batch's longest row; pack_samples varies B): dynamo's automatic
+    dynamic shapes compile once for the first shape and once more with both dimensions symbolic, so every later
+    shape runs compiled. (dynamic=False recompiled for each shape, and past the recompile limit ran the eager
+    reference, which materialises the whole score matrix.)"""
+    return torch.compile(flex_attention)
 
 
 def current_sdpa_backends():
@@ -442,8 +446,12 @@ def current_sdpa_backends():
 
 def checkpoint_context():
     """checkpoint's context_fn, called at each forward: the forward as it is, the recomputation with the
-    forward's attention backends (checkpoint replays autocast, not sdpa_kernel)."""
+    forward's attention backends (checkpoint replays autocast, not sdpa_kernel). Not under torch.compile,
+    where the recomputation is the traced graph's own ops, kernels chosen already, and checkpoint takes no
+    context_fn but its default or one that makes dispatch modes (selective checkpointing's)."""
     return nullcontext(), sdpa_kernel(current_sdpa_backends())
+
+
 
 
 class Decoder(nn.Module):
@@ -482,7 +490,8 @@ class Decoder(nn.Module):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 # non-reentrant: gradients reach the block's adapters even when x needs none (frozen
                 # embeddings). Autocast is replayed by checkpoint, the attention backend is not: do it here.
-                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False, context_fn=checkpoint_context)
+                ctx = {} if torch.compiler.is_compiling() else {'context_fn': checkpoint_context}
+                x = checkpoint(layer, x, cos, sin, mask, cache, use_reentrant=False, **ctx)
             else:
                 x = layer(x, cos, sin, mask, cache)
         return self.norm(x)

@@ -3,6 +3,7 @@ The process a training run lives in: its device and dtype, the DDP process group
 generator (seeded, saved, restored), and its metrics log (metrics.jsonl, wandb, TensorBoard). Shared by
 train_vlm.py and train_siglip.py; sample.py and classify.py take the device and autocast helpers.
 """
+import datetime
 import functools
 import json
 import os
@@ -37,11 +38,14 @@ def cpu_has_fast_bf16():
 
 
 def pick_dtype(dtype, device_type):
-    """'auto': bf16 on CUDA (fp16 where bf16 is unsupported) and on CPUs with native bf16, else fp32."""
+    """'auto': bf16 on CUDA GPUs that run it natively (compute capability 8.0 on: Ampere, Hopper, ...), fp16 with
+    loss scaling on older ones (V100, T4: torch.cuda.is_bf16_supported() counts their emulated bf16, which has no
+    flash attention and is slow); bf16 on CPUs with native bf16; else fp32."""
     if dtype != 'auto':
         return dtype
     if device_type == 'cuda':
-        return 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        native = torch.cuda.is_bf16_supported(including_emulation=False) and torch.cuda.get_device_capability()[0] >= 8
+        return 'bfloat16' if native else 'float16'
     if device_type == 'cpu' and cpu_has_fast_bf16():
         return 'bfloat16'
     return 'float32'
@@ -67,8 +71,9 @@ def autocast_context(device_type, dtype):
         yield
 
 
-def setup_training(device, dtype, seed, config, out_dir):
-    """A training script's start: the process group under torchrun (from its RANK, LOCAL_RANK, WORLD_SIZE),
+def setup_training(device, dtype, seed, config, out_dir, timeout_minutes=120.0):
+    """A training script's start: the process group under torchrun (from its RANK, LOCAL_RANK, WORLD_SIZE;
+    timeout_minutes: how long a collective waits, not NCCL's default 10 minutes, which a rank-0 eval outlasts),
     the device ('auto': CUDA, then MPS, then CPU), the dtype ('auto' resolved: pick_dtype, and written into
     config, which checkpoints keep), the same seed on every rank. The master prints config and makes out_dir.
     Returns (ddp, rank, local_rank, world_size, device, dtype)."""
@@ -79,7 +84,8 @@ def setup_training(device, dtype, seed, config, out_dir):
         device = f'cuda:{local_rank}'
         torch.cuda.set_device(device)
     if ddp:
-        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo')
+        dist.init_process_group(backend='nccl' if device.startswith('cuda') else 'gloo',
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     seed_everything(seed)
     config['dtype'] = dtype = pick_dtype(dtype, device.split(':')[0])
     if rank == 0:
@@ -108,22 +114,28 @@ def seed_everything(seed):
 
 def rng_state():
     """Every generator a training step can draw from (dropout, sampling): torch's on the CPU and on each CUDA
-    device, numpy's and Python's, as plain tensors and numbers (a checkpoint loads with weights_only)."""
+    device, numpy's and Python's, as plain Python numbers and lists: a checkpoint loads with weights_only, and
+    torch.load's map_location (cuda:N on a resume) leaves them where set_rng_state can read them."""
     _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {'torch': torch.get_rng_state(), 'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            'numpy': [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            'python': random.getstate()}
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {'torch': torch.get_rng_state().tolist(), 'cuda': [s.tolist() for s in cuda],
+            'numpy': [keys.tolist(), int(pos), int(has_gauss), float(cached)], 'python': random.getstate()}
+
+
+def _byte_state(s):  # a generator state as rng_state() stores it (a list), or as older checkpoints did (a tensor)
+    return s.cpu() if isinstance(s, torch.Tensor) else torch.tensor(s, dtype=torch.uint8)
 
 
 def set_rng_state(state):
-    """Restore rng_state(); an older checkpoint's state is torch's CPU generator alone."""
+    """Restore rng_state(); an older checkpoint's state is torch's CPU generator alone, or tensors."""
     if isinstance(state, torch.Tensor):
         return torch.set_rng_state(state.cpu())
-    torch.set_rng_state(state['torch'].cpu())
+    torch.set_rng_state(_byte_state(state['torch']))
     if state['cuda'] and torch.cuda.is_available() and len(state['cuda']) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all([s.cpu() for s in state['cuda']])
+        torch.cuda.set_rng_state_all([_byte_state(s) for s in state['cuda']])
     keys, pos, has_gauss, cached = state['numpy']
-    np.random.set_state(('MT19937', keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    keys = keys.cpu().numpy() if isinstance(keys, torch.Tensor) else np.array(keys)
+    np.random.set_state(('MT19937', keys.astype(np.uint32), pos, has_gauss, cached))
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state['python']))
 
 

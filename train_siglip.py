@@ -88,10 +88,13 @@ device = 'auto'
 dtype = 'auto'
 compile = False
 seed = 1337
+ddp_timeout_minutes = 120.0  # torchrun: how long a rank waits for the others in a collective (rank 0 alone
+                             # evaluates, checkpoints and tests) before the process group gives up
 config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
-ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype, seed, config, out_dir)
+ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype, seed, config, out_dir,
+                                                                  ddp_timeout_minutes)
 master, device_type = rank == 0, device.split(':')[0]
 amp, scaler = precision(device_type, dtype)  # autocast (none in fp32), and loss scaling in fp16
 
@@ -130,7 +133,8 @@ if captions_per_step not in ('one', 'all'):
     raise SystemExit(f"config error: captions_per_step='{captions_per_step}'; use 'one' or 'all'")
 # an id per distinct caption: a batch's identical captions are positives of each other's images (siglip_loss)
 caption_id = {c: i for i, c in enumerate(dict.fromkeys(c for r in train_recs for c in r['captions']))}
-ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
+# a resumed run's checkpoint, on the CPU: its tensors are copied into place (weights, optimizer state)
+ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt')) if init_from == 'resume' else None
 if ckpt:  # the towers a run was started with stay its towers
     text_tower, image_tower = ckpt['config']['text_tower'], ckpt['config']['image_tower']
 

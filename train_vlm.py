@@ -19,7 +19,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoint import ModelSpec, build_model, load_checkpoint, raw_state_dict, save_checkpoint, trained_state_dict
+from checkpoint import (ModelSpec, build_model, load_checkpoint, load_trained_state_dict, raw_state_dict,
+                        save_checkpoint, trained_state_dict)
 from configurator import apply_config
 from data import DataOrder, VLMDataset, step_batches
 from lora import DEFAULT_TARGETS
@@ -133,11 +134,14 @@ device = 'auto'  # 'auto' picks cuda, then mps, then cpu
 dtype = 'auto'  # 'auto', 'float32', 'bfloat16' or 'float16'
 compile = False
 seed = 1337
+ddp_timeout_minutes = 120.0  # torchrun: how long a rank waits for the others in a collective (rank 0 alone
+                             # evaluates, checkpoints and tests) before the process group gives up
 config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
 # processes, device and precision; then every refusal of the config, before any data or weights load
-ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype, seed, config, out_dir)
+ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype, seed, config, out_dir,
+                                                                  ddp_timeout_minutes)
 master, device_type = rank == 0, device.split(':')[0]
 spec = ModelSpec.from_config(config)  # the keys that decide the model (dtype now resolved)
 spec.check(device_type, config)
@@ -146,7 +150,8 @@ amp, scaler = precision(device_type, dtype)  # autocast (none in fp32), and loss
 # data
 train_set = VLMDataset(data_dir, 'train', max_samples)
 val_set = VLMDataset(data_dir, 'val')
-ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt'), device) if init_from == 'resume' else None
+# a resumed run's checkpoint, on the CPU: its tensors are copied into place (weights, optimizer state)
+ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt')) if init_from == 'resume' else None
 
 # model and tokenizer: this run's checkpoint, an earlier run's, or new around the pretrained parts named; the
 # modes (frozen, full, LoRA, QLoRA) and, for partial checkpoints, a base to rebuild (checkpoint.build_model).
@@ -197,7 +202,8 @@ throughput = Throughput(model_cfg, vision_mode, llm_mode, lora_param_counts(raw_
 def evaluate():
     """Val loss, accuracy on held-out questions and caption scores, with their log record and line."""
     raw_model.eval()
-    loss = val_loss(raw_model, val_set, tok, max_seq_len, batch_size, val_batches, device, amp, isolate_turns)
+    loss = val_loss(raw_model, val_set, tok, max_seq_len, batch_size, val_batches, device, amp, isolate_turns,
+                    pad_to_max=attention == 'flex')
     acc, n = qa_accuracy(raw_model, val_set, tok, device, amp, eval_questions)
     captions = caption_scores(raw_model, val_set, tok, device, amp, eval_captions)[0] if eval_captions else {}
     raw_model.train()
@@ -223,7 +229,9 @@ def save(path, rngs):
 # -----------------------------------------------------------------------------
 # the training loop
 loader = step_batches(train_set, DataOrder(len(train_set), seed, **data_state), batch_size, grad_accum, world_size,
-                      rank, (tok, n_img, max_seq_len, isolate_turns, pack_samples), num_workers)
+                      rank, dict(tokenizer=tok, num_image_tokens=n_img, max_len=max_seq_len,
+                                 isolate_turns=isolate_turns, pack=pack_samples,
+                                 pad_to_max=attention == 'flex'), num_workers)  # flex: compiled for one length
 if resume_rng is not None:  # after all start-up work that draws (model init, the loader workers' seeds)
     set_rng_state(resume_rng[min(rank, len(resume_rng) - 1)] if isinstance(resume_rng, list) else resume_rng)
 bar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True,
@@ -318,22 +326,27 @@ while True:
 bar.close()
 if master:
     print(f'{iter_num} iterations, {train_time / 60:.1f} min of training')
-    # weights only (no optimizer or data state): the best checkpoint's model (or, for a LoRA run, what it
-    # trained and its base), for sample.py and classify.py
+    # weights.pt, weights only (no optimizer or data state), and the test are of one model: the best checkpoint's
+    # (lowest val loss), read on the CPU and copied in; or the last step's. A LoRA run's holds what it trained and
+    # its base, for sample.py, classify.py and export.py.
     best = os.path.join(out_dir, 'best.pt')
-    final = load_checkpoint(best, device) if os.path.exists(best) else \
-        {'model': trained_state_dict(raw_model) if base else raw_state_dict(model), 'base': base}
-    save_checkpoint({'model': final['model'], 'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(),
-                     'config': config, **({'base': final['base']} if final.get('base') else {})},
-                    os.path.join(out_dir, 'weights.pt'))
-    print(f'saved {out_dir}/weights.pt (weights of ' + ('best.pt)' if os.path.exists(best) else 'the last step)'))
+    if os.path.exists(best) and base:
+        load_trained_state_dict(raw_model, load_checkpoint(best)['model'], best)
+    elif os.path.exists(best):
+        raw_model.load_state_dict(load_checkpoint(best)['model'])
+    save_checkpoint({'model': trained_state_dict(raw_model) if base else raw_model.state_dict(),
+                     'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(), 'config': config,
+                     **({'base': base} if base else {})}, os.path.join(out_dir, 'weights.pt'))
+    tested = 'best.pt' if os.path.exists(best) else 'the last step'
+    print(f'saved {out_dir}/weights.pt (weights of {tested})')
     if test_at_end:
         test_set = VLMDataset(data_dir, 'test')
         raw_model.eval()
         acc, n = qa_accuracy(raw_model, test_set, tok, device, amp, test_questions)
         print(f'held-out test accuracy on {n} questions: ' + ', '.join(f'{k} {v:.1%}' for k, v in sorted(acc.items())))
         with open(os.path.join(out_dir, 'test_accuracy.json'), 'w') as f:
-            json.dump({'questions': n, 'accuracy': acc, 'iter': iter_num, 'train_minutes': train_time / 60}, f)
+            json.dump({'questions': n, 'accuracy': acc, 'weights': tested, 'iter': iter_num,
+                       'train_minutes': train_time / 60}, f)
     if curves:
         print(f'training curves: {curves}')
 logger.close()

@@ -96,7 +96,8 @@ def test_step_batches_follow_the_data_order_across_epochs():
             for i in range(10)]
     tok = Tokenizer.build('word', [t['content'] for r in recs for t in r['turns']])
     order = DataOrder(10, 3, epoch=1, cursor=4)  # a resumed run, mid-epoch
-    steps = StepBatches(_Records(recs), DataOrder(10, 3, epoch=1, cursor=4), 3, 2, 2, 1, (tok, 1, 64, False, False))
+    steps = StepBatches(_Records(recs), DataOrder(10, 3, epoch=1, cursor=4), 3, 2, 2, 1,
+                        dict(tokenizer=tok, num_image_tokens=1, max_len=64))
     for k in range(5):  # 12 samples a step: every step crosses or nears an epoch boundary
         idx = order.take(12)
         micro, _, state = steps[k]

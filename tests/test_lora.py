@@ -238,3 +238,24 @@ def test_lora_and_qlora_runs_learn_save_adapters_only_resume_and_merge(shapes_di
                                      ['circle', 'square', 'triangle']) for d in (out, tmp_path / 'merged')]
     assert [x[0] for x in scored[0]] == [x[0] for x in scored[1]]
     assert np.allclose([x[1] for x in scored[0]], [x[1] for x in scored[1]], atol=1e-4)
+
+
+def test_qlora_quantises_on_the_cpu_before_the_model_moves_to_the_gpu(monkeypatch):
+    """A 7B base in fp32 is 28 GB: QLoRA's point, a 24 GB card, needs the quantisation done before the move. The
+    model's move to 'cuda' is recorded (and skipped, on this CPU): by then every targeted layer is 4-bit, and no
+    full-precision weight of those layers is left on the model."""
+    from checkpoint import ModelSpec, build_model
+    from lora import is_4bit, lora_modules
+    from model import VLM
+    moves = []
+
+    def record(self, *args, **kwargs):
+        mods = lora_modules(self.llm)
+        moves.append((args, len(mods), all(is_4bit(m.base) for m in mods)))
+        return self
+    monkeypatch.setattr(VLM, 'to', record)
+    spec = ModelSpec(vit_layers=1, vit_width=32, vit_heads=2, llm_layers=2, llm_width=64, llm_heads=4, llm_kv_heads=2,
+                     llm_mlp_width=128, llm_mode='qlora', dtype='float32')
+    model = build_model(spec, 'cuda', ['<image>\nwhat color is it?', 'red'])[0]
+    assert moves == [(('cuda',), 14, True)]  # 2 blocks x (q, k, v, o, gate, up, down), moved once
+    assert not any(type(m) is torch.nn.Linear for name, m in model.llm.named_modules() if name.endswith('proj'))

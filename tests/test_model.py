@@ -482,3 +482,57 @@ def test_training_step_runs_the_flash_kernel_on_cuda():
             model(torch.tensor([ids, ids]).cuda(), images(2).cuda(), targets=targets.cuda()).backward()
         torch.cuda.synchronize()
     assert attention_kernels(step) == {'flash': 4}
+
+
+def test_checkpointed_decoder_compiles_and_gives_the_eager_gradients():
+    """grad_checkpointing=True with compile=True: torch.compile (its aot_eager backend here, the graph capture
+    and autograd split inductor also runs) traces the checkpointed blocks, and every gradient is the eager one."""
+    model, tok = tiny_vlm()
+    model.train()
+    model.llm.grad_checkpointing = True
+    ids, sup = tok.encode_chat(conversation(), model.num_image_tokens)
+    targets = torch.tensor([[t if s else IGNORE_INDEX for t, s in zip(ids[1:], sup[1:])] + [IGNORE_INDEX]] * 2)
+    args = (torch.tensor([ids, ids]), images(2))
+    model(*args, targets=targets).backward()
+    eager = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    torch.compile(model, backend='aot_eager')(*args, targets=targets).backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, eager[n], rtol=1e-5, atol=1e-6)
+
+
+def test_flex_attention_compiles_at_most_twice_over_twenty_batch_shapes(monkeypatch):
+    """attention='flex' batches: collate pads each to max_seq_len (pad_to_max); their rows vary (packing). The
+    compiled FlexAttention must not compile again for each shape: past dynamo's recompile limit it runs the eager
+    reference, which materialises the whole score matrix. aot_eager stands in for inductor: the guards and
+    recompilations are dynamo's whatever the backend."""
+    import model as M
+    from torch._dynamo.utils import counters
+    from data import collate
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, 'compile', lambda fn, **kw: compile_(fn, **{**kw, 'backend': 'aot_eager'}))
+    M.compiled_flex_attention.cache_clear()
+    torch._dynamo.reset()
+    counters.clear()
+    model, tok = tiny_vlm()
+    model.eval()
+    model.llm.attention = 'flex'
+    qa = [('what color is the circle?', 'red'), ('how many objects are there?', 'two'),
+          ('describe the image.', TEXTS[5])]
+    records = [{'image': k % 4, 'turns': [t for j in range(1 + k % 4) for t in (
+        {'role': 'user', 'content': ('<image>\n' if j == 0 else '') + qa[(k + j) % 3][0]},
+        {'role': 'assistant', 'content': qa[(k + j) % 3][1]})]} for k in range(40)]
+    data = _Records(records, images(4).numpy())
+    natural = set()
+    with torch.no_grad():
+        for i in range(20):
+            idx = [(i * 7 + j) % 40 for j in range(2 + i % 5)]
+            pack = i % 3 == 0
+            args = (data, idx, tok, model.num_image_tokens, 160, None, True, pack)  # isolated turns: a mask
+            natural.add(tuple(collate(*args)['input_ids'].shape))
+            batch = collate(*args, pad_to_max=True)
+            assert batch['input_ids'].shape[1] == 160
+            model(**batch)
+    assert len(natural) >= 10  # the shapes the batches would have had, unpadded
+    assert counters['stats']['unique_graphs'] <= 2
+    M.compiled_flex_attention.cache_clear()

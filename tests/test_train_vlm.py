@@ -168,3 +168,24 @@ def test_fp16_loss_scale_is_saved_and_restored(shapes_dir, tmp_path):
     assert a['scaler']['_growth_tracker'] == 4 and a['scaler'] == b['scaler']
     for k, v in a['model'].items():
         assert torch.equal(v, b['model'][k]), k
+
+
+def test_the_test_and_weights_pt_are_of_the_best_checkpoint_not_the_last_step(shapes_dir, tmp_path):
+    """A run whose last eval is not its best (after warmup the rate climbs toward min_lr=1.0): weights.pt and
+    the held-out test are both of best.pt's model, and test_accuracy.json says which weights it tested."""
+    from contextlib import nullcontext
+
+    from checkpoint import load_run
+    from data import VLMDataset
+    from metrics import qa_accuracy
+    train(shapes_dir, tmp_path, '--max_iters=20', '--eval_interval=10', '--batch_size=16', '--learning_rate=3e-3',
+          '--warmup_iters=10', '--min_lr=1.0', '--test_questions=40')
+    evals = {e['iter']: e['val_loss'] for e in map(json.loads, open(tmp_path / 'metrics.jsonl')) if 'val_loss' in e}
+    assert evals[20] > evals[10]  # the last step is not the best
+    result = json.load(open(tmp_path / 'test_accuracy.json'))
+    assert result['weights'] == 'best.pt'
+    best = torch.load(tmp_path / 'best.pt', weights_only=True)['model']
+    assert all(torch.equal(v, best[k]) for k, v in torch.load(tmp_path / 'weights.pt', weights_only=True)['model'].items())
+    model, tok = load_run(str(tmp_path), checkpoint='weights.pt')
+    acc, n = qa_accuracy(model.eval(), VLMDataset(shapes_dir, 'test'), tok, 'cpu', nullcontext, 40)
+    assert (acc, n) == (result['accuracy'], result['questions'])
