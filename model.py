@@ -367,6 +367,11 @@ class Attention(nn.Module):
         gqa = self.n_head != self.n_kv_head
         if isinstance(mask, BlockMask):
             y = compiled_flex_attention()(q, k, v, block_mask=mask, enable_gqa=gqa)
+        elif mask is not None and gqa and q.is_cuda:
+            # CUDA's memory-efficient kernel takes a mask but not grouped-query heads (a mask with enable_gqa
+            # leaves only the math kernel, which materialises the scores): K and V repeated per query head
+            k, v = (t.repeat_interleave(self.n_head // self.n_kv_head, dim=1) for t in (k, v))
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -158,8 +158,13 @@ class HFCausalLM(nn.Module):
         return DynamicCache(config=self.model.config)
 
     def forward(self, x, positions, key_valid, cache=None, segment_ids=None, right_padded=False, sample_ids=None):
-        """As Decoder.forward: (B, T, C) embeddings -> (B, T, C) final hidden states (transformers picks its own
-        attention path from the key mask, so right_padded changes nothing)."""
+        """As Decoder.forward: (B, T, C) embeddings -> (B, T, C) final hidden states. A right-padded training batch
+        (right_padded, no cache, no isolated turns or packed samples) goes in without a mask: transformers then
+        runs plain causal attention (is_causal, the flash kernels), exact for every real token, as Decoder does;
+        otherwise transformers picks its attention path from the key mask."""
+        if right_padded and cache is None and segment_ids is None and sample_ids is None:
+            return self.model.base_model(inputs_embeds=x, attention_mask=None, position_ids=positions,
+                                         use_cache=False).last_hidden_state
         mask = key_valid.long()
         # isolated turns, packed samples: a custom 4D additive mask, which transformers takes as it is (and so
         # ignores sliding windows, 4096 tokens in Gemma-2, far past glimpse's sequences)

@@ -111,6 +111,16 @@ def test_bad_weights_and_unsupported_rope_are_refused(tmp_path):
         load_decoder(ref.config, ref.state_dict(), 'x')
 
 
+def _spy(llm, masks):
+    """Record the attention_mask each call of llm's transformers model gets."""
+    base, forward = llm.model.base_model, llm.model.base_model.forward
+
+    def spied(*args, **kwargs):
+        masks.append(kwargs.get('attention_mask'))
+        return forward(*args, **kwargs)
+    return mock.patch.object(base, 'forward', spied)
+
+
 @pytest.mark.parametrize('kind', ['phi', 'gemma2', 'gpt2'])
 def test_other_causal_lms_run_through_the_wrapper(kind, tmp_path):
     ref = save_tiny(kind, tmp_path)
@@ -136,6 +146,20 @@ def test_other_causal_lms_run_through_the_wrapper(kind, tmp_path):
     model(**packed).backward()
     assert model.connector.mlp.fc1.weight.grad.abs().sum() > 0
     model.eval()
+
+    # a right-padded training batch goes to transformers without a mask (plain causal attention: the flash
+    # kernels on a GPU), and its loss is the sum of each sample's alone
+    second_sample = [second, CONVERSATION[3]]
+    both = collate(SimpleNamespace(records=[{'image': 0, 'turns': CONVERSATION}, {'image': 1, 'turns': second_sample}],
+                                   images=images.numpy()), [0, 1], tok, model.num_image_tokens, 512)
+    alone = [batch(CONVERSATION), collate(SimpleNamespace(records=[{'image': 0, 'turns': second_sample}],
+                                                          images=images[1:].numpy()), [0], tok,
+                                          model.num_image_tokens, 512)]
+    masks = []
+    with _spy(llm, masks):
+        loss = model(**both)
+    assert masks == [None] and bool((both['attention_mask'] == 0).any())
+    torch.testing.assert_close(loss, sum(model(**b) for b in alone), rtol=1e-4, atol=1e-4)
 
     # generation with the model's own KV cache equals recomputing everything, left padding included
     seqs = [tok.encode_chat([{'role': 'user', 'content': p}], model.num_image_tokens, True)[0]
