@@ -230,10 +230,10 @@ class PixelShuffleProjector(nn.Module):
 
 
 class CrossAttentionBridge(nn.Module):
-    """Seed 002's bridge between a frozen vision tower and a frozen LLM: the image features are projected
-    to the LLM's width and every text embedding attends to them (pre-norm multi-head cross-attention, then
-    a feed-forward), each added through a tanh gate that starts at 0 (as Flamingo's gated cross-attention),
-    so at initialisation the LLM sees its own token embeddings unchanged."""
+    """The GroundCap recipe's bridge (config/groundcap.py) between a frozen vision tower and a frozen LLM: the
+    image features are projected to the LLM's width and every text embedding attends to them (pre-norm
+    multi-head cross-attention, then a feed-forward), each added through a tanh gate that starts at 0 (as
+    Flamingo's gated cross-attention), so at initialisation the LLM sees its own token embeddings unchanged."""
 
     def __init__(self, in_dim, out_dim, n_head):
         super().__init__()

@@ -66,7 +66,7 @@ class TextTower(nn.Module):
 
 
 class ResNetTower(nn.Module):
-    """torchvision's ResNet-50 from scratch (seed 000's image tower), globally average-pooled: (B, 2048)."""
+    """torchvision's ResNet-50 from scratch (the CIFAR-10 recipe's image tower), globally average-pooled: (B, 2048)."""
 
     def __init__(self, image_mean, image_std):
         super().__init__()

@@ -56,7 +56,7 @@ patch_overlap = 0  # each patch embedding also sees this many pixels of its neig
 vit_layers = 4
 vit_width = 128
 vit_heads = 4
-connector = 'pixel_shuffle'  # 'mlp', 'pixel_shuffle' (then the MLP), 'pixel_shuffle_linear' (SmolVLM's), or 'bridge' (seed 002)
+connector = 'pixel_shuffle'  # 'mlp', 'pixel_shuffle' (then the MLP), 'pixel_shuffle_linear' (SmolVLM's), or 'bridge' (cross-attention)
 pixel_shuffle_factor = 2
 bridge_heads = 8  # connector='bridge': cross-attention heads
 connector_norm = False  # end the MLP connector with an RMSNorm at the LLM's token-embedding scale (model.MLPProjector)

@@ -1,5 +1,5 @@
-# Seed 000, stage 2: the stage-1 CIFAR-10 tower (config/cifar10_siglip.py) frozen, an MLP projector, and
-# Phi-2 adapted with QLoRA (4-bit NF4 base, rank-stabilised LoRA, gradient checkpointing), on the same
+# The CIFAR-10 + Phi-2 QLoRA recipe, stage 2: the stage-1 CIFAR-10 tower (config/cifar10_siglip.py) frozen, an MLP
+# projector, and Phi-2 adapted with QLoRA (4-bit NF4 base, rank-stabilised LoRA, gradient checkpointing), on the same
 # descriptions:
 #   python train_vlm.py config/cifar10_vlm.py
 out_dir = 'out/cifar10_vlm'
@@ -14,7 +14,7 @@ lora_alpha = 32
 rslora = True
 grad_checkpointing = True
 max_seq_len = 256
-batch_size = 4  # seed 000's: 4 x 16 accumulation
+batch_size = 4  # the recipe's: 4 x 16 accumulation
 grad_accum = 16
 max_iters = 2340  # 3 epochs of 50,000 images at 64 a step
 learning_rate = 1e-4

@@ -1,4 +1,4 @@
-# Seed 004: COCO captions with a frozen CLIP ViT-B/16, an MLP projector and GPT-2 fine-tuned in full.
+# The COCO captioning recipe: COCO captions with a frozen CLIP ViT-B/16, an MLP projector and GPT-2 fine-tuned in full.
 #   python prepare_data.py coco --annotations coco/annotations/captions_train2017.json \
 #       --images coco/train2017 --image_size 224 --shards --out_dir data/coco
 #   torchrun --standalone --nproc_per_node=4 train_vlm.py config/coco.py

@@ -1,4 +1,4 @@
-# Seed 002: GroundCap-style captioning with a frozen DINOv2-large and a frozen Gemma-2-2B joined by a
+# The GroundCap bridge recipe: GroundCap-style captioning with a frozen DINOv2-large and a frozen Gemma-2-2B joined by a
 # trainable cross-attention bridge; cosine 1e-5 -> 1e-6, gradient clipping 0.3, early stopping.
 #   python prepare_data.py csv --csv groundcap.csv --image_column image --text_columns caption \
 #       --image_size 224 --shards --out_dir data/groundcap          (or coco / llava, whichever layout you have)

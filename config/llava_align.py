@@ -1,5 +1,5 @@
-# Seed 003 (Prismatic), stage 1 "align": SigLIP@384 and Phi-2 both frozen, only the MLP projector trains,
-# on the LLaVA-1.5 pretraining captions (558k); then config/llava_finetune.py.
+# The LLaVA-1.5 recipe, Prismatic-style, stage 1 "align": SigLIP@384 and Phi-2 both frozen, only the MLP projector
+# trains, on the LLaVA-1.5 pretraining captions (558k); then config/llava_finetune.py.
 #   python prepare_data.py llava --json blip_laion_cc_sbu_558k.json --images llava_pretrain/images \
 #       --image_size 384 --shards --out_dir data/llava_558k
 #   torchrun --standalone --nproc_per_node=8 train_vlm.py config/llava_align.py

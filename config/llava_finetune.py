@@ -1,5 +1,5 @@
-# Seed 003 (Prismatic), stage 2 "finetune": the aligned projector and LoRA on Phi-2, SigLIP frozen, on the
-# LLaVA-1.5 instruction mix (665k conversations, multi-turn).
+# The LLaVA-1.5 recipe, Prismatic-style, stage 2 "finetune": the aligned projector and LoRA on Phi-2, SigLIP frozen,
+# on the LLaVA-1.5 instruction mix (665k conversations, multi-turn).
 #   python prepare_data.py llava --json llava_v1_5_mix665k.json --images llava_finetune_images \
 #       --image_size 384 --shards --out_dir data/llava_665k
 #   torchrun --standalone --nproc_per_node=8 train_vlm.py config/llava_finetune.py

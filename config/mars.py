@@ -1,4 +1,4 @@
-# Seed 001: SmolVLM-256M-Instruct (hf_vlm; the seed recommends SmolVLM-500M-Instruct) + LoRA as a Mars-terrain classifier
+# The Mars-terrain classifier recipe: SmolVLM-256M-Instruct (hf_vlm; SmolVLM-500M-Instruct is the recommended size) + LoRA as a Mars-terrain classifier
 # on Mirali33/mb-domars16k: 15 classes answered by three-letter codes (no captions, so no "Reasoning:"), config/mars_prompt.txt.
 #   python prepare_data.py hf --dataset Mirali33/mb-domars16k --out_dir data/mars --image_size 224 --class_names ael,aec,cli,rid,fsf,sfe,fsg,fse,fss,cra,sfx,mix,rou,smo,tex
 #   python classify.py --mode=convert --data_dir=data/mars --convert_dir=data/mars_cls --template=@config/mars_prompt.txt

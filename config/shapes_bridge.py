@@ -1,4 +1,4 @@
-# Seed 002's bridge on the shapes scenes: the frozen vision tower AND the frozen language model of the
+# The GroundCap recipe's cross-attention bridge on the shapes scenes: the frozen vision tower AND the frozen language model of the
 # default recipe's run, joined by a trainable bridge (model.CrossAttentionBridge): no image tokens, the text
 # embeddings attend to the image features. First the recipe's run (out/shapes), then the bridge, then the MLP:
 #   python train_vlm.py config/shapes.py && python train_vlm.py config/shapes_bridge.py

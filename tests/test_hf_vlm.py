@@ -1,5 +1,5 @@
 """train_vlm.py hf_vlm=...: a whole Hugging Face VLM (a tiny random Idefics3, SmolVLM's architecture) fine-tuned
-with LoRA on glimpse conversations, and seed 001's Mars recipe (config/mars.py)."""
+with LoRA on glimpse conversations, and the Mars recipe (config/mars.py)."""
 import json
 import os
 import re
