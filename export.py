@@ -1,10 +1,12 @@
 """
-A glimpse run -> a Hugging Face model directory that transformers (and vLLM, and llama.cpp's converters) load
-with the Auto classes and no trust_remote_code: config.json, model.safetensors, the processor and tokenizer
-files with the chat template, generation_config.json and a short README.md.
+A glimpse run -> a Hugging Face model directory that transformers and vLLM load with the Auto classes and no
+trust_remote_code: config.json, model.safetensors, the processor and tokenizer files with the chat template,
+generation_config.json and a short README.md. Or, with --gguf, an Idefics3 run -> the GGUF pair llama.cpp reads
+(gguf_export.py): model.gguf and mmproj.gguf.
 
     python export.py out/<run> out/<run>_hf                      # the run's ckpt.pt
     python export.py out/<run> out/<run>_hf --checkpoint=best.pt
+    python export.py out/<run> out/<run>_gguf --gguf [--gguf_type=f32|f16|q8_0] [--gguf_force=True]
 
 The target follows from the run's architecture:
     Idefics3 (SmolVLM)  connector='pixel_shuffle_linear' on a SigLIP-style tower (glimpse's ViT without
@@ -17,6 +19,14 @@ The target follows from the run's architecture:
 LoRA adapters are merged first (QLoRA bases dequantised). glimpse's word and byte tokenizers go out as a
 PreTrainedTokenizerFast whose chat template writes glimpse's prompt format; a pretrained LLM's tokenizer goes out
 as it is. A run that cannot map stops with one line naming the key that prevents it.
+
+--gguf refuses, in one line, a run that stock llama.cpp would render differently from how it trained: today every
+run, as llama.cpp renders an Idefics3 image as tiles plus an overview and glimpse has no image splitting yet.
+--gguf_force=True writes the files anyway, for inspection, marked so in their general.description. What was
+checked (tests/test_gguf_export.py): read back with gguf, every tensor is the run's and the metadata is there; the
+vocabulary, tokenized by llama.cpp's rules as written in the test, gives glimpse's ids on a shapes split; tensors
+and metadata equal what llama.cpp's own converter writes from the Hugging Face directory. No llama.cpp binary has
+run the files.
 """
 import json
 import os
@@ -26,9 +36,11 @@ import torch
 
 from checkpoint import load_run
 from errors import GlimpseError
+from gguf_export import (check_gguf_type, check_tokenizer, glimpse_vocab, llama_cpp_differences, write_mmproj,
+                         write_text_model)
 from lora import merge_lora
 from pretrained import HFVLM, vision_name_map
-from tokenizer import HFTokenizer, Tokenizer
+from tokenizer import HFTokenizer, Tokenizer, bytes_to_unicode
 
 # Lets a processor's list-of-parts messages ({'type': 'image'} / {'type': 'text'}) reach a template written for
 # text: each message becomes one string, an image as '<image>\n' before the text, as glimpse writes a question.
@@ -77,13 +89,6 @@ def export_tokenizer(tok, end_token):
                                      '<bos>', end_token, '<pad>', '<unk>')])
     hf.chat_template = glimpse_chat_template(end_token)
     return hf
-
-
-def bytes_to_unicode():
-    """The printable stand-ins of the 256 bytes in byte-level BPE (GPT-2's table), in byte order."""
-    keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
-    extra = iter(range(256, 512))
-    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
 
 
 def target_of(cfg, tok):
@@ -173,7 +178,9 @@ def text_config(d, tok):
                 intermediate_size=d.intermediate_size, num_hidden_layers=d.n_layer, num_attention_heads=d.n_head,
                 num_key_value_heads=d.n_kv_head, rms_norm_eps=d.norm_eps, rope_theta=d.rope_theta,
                 tie_word_embeddings=d.tie_embeddings, hidden_act='silu', max_position_embeddings=8192,
-                pad_token_id=tok.pad_id, bos_token_id=getattr(tok, 'bos_id', None), eos_token_id=tok.eot_id)
+                pad_token_id=tok.pad_id, bos_token_id=getattr(tok, 'bos_id', None), eos_token_id=tok.eot_id,
+                # what llama.cpp's converter (convert_hf_to_gguf.py DIR) reads to pick its text model
+                architectures=['Qwen2ForCausalLM' if d.qkv_bias else 'LlamaForCausalLM'])
 
 
 def build_hf_model(model, tok, target):
@@ -273,11 +280,54 @@ def export(src, dst, checkpoint='ckpt.pt', trust_remote_code=False):
     return target
 
 
+def export_gguf(src, dst, checkpoint='ckpt.pt', gguf_type='f32', force=False):
+    """Write dst/model.gguf and dst/mmproj.gguf for the Idefics3 run in src. Refuses a run that stock llama.cpp
+    would render differently from how it trained, unless force; returns what force let through (empty if none)."""
+    check_gguf_type(gguf_type)
+    model, tok = load_run(src, 'cpu', checkpoint)
+    if isinstance(model, HFVLM):
+        raise GlimpseError("export error: hf_vlm: a Hugging Face VLM's run; write its directory (python export.py RUN "
+                           "DIR) and convert that with llama.cpp's convert_hf_to_gguf.py DIR, and DIR --mmproj")
+    if target_of(model.cfg, tok) != 'idefics3':
+        raise GlimpseError("export error: gguf: a LLaVA run; glimpse writes GGUF for Idefics3 runs "
+                           "(connector='pixel_shuffle_linear', image_layout='idefics3')")
+    check_tokenizer(tok)
+    forced = llama_cpp_differences(model.cfg.vision, model.num_image_tokens)
+    if forced and not force:
+        raise GlimpseError(f"export error: gguf: {'; and '.join(forced)}; so llama.cpp would not answer as this run "
+                           f"does. The layout llama.cpp renders is image splitting (issue 35, not yet in glimpse); "
+                           f"--gguf_force=True writes the files anyway, for inspection")
+    model = merge_lora(model, dequantize=True).eval()
+    cfg, name = model.cfg, os.path.basename(os.path.normpath(src))
+    end = '<end_of_utterance>'  # the end-of-turn token's name in the Idefics3 export (export_tokenizer)
+    state = build_hf_model(model, tok, 'idefics3').state_dict()
+    text, vision = text_config(cfg.llm, tok), vision_export(cfg.vision, model.vision_tower.state_dict())[1]
+    note = ('written with --gguf_force: stock llama.cpp does not run it as glimpse trained it: ' + '; '.join(forced)
+            if forced else '')
+    os.makedirs(dst, exist_ok=True)
+    write_text_model(os.path.join(dst, 'model.gguf'), state, text, glimpse_vocab(tok, end, cfg.llm.vocab_size),
+                     glimpse_chat_template(end), gguf_type, name, note)
+    write_mmproj(os.path.join(dst, 'mmproj.gguf'), state, vision, cfg.connector.scale_factor, cfg.llm.n_embd,
+                 cfg.vision.image_mean, cfg.vision.image_std, gguf_type, name, note)
+    return forced
+
+
 if __name__ == '__main__':
     args = [a for a in sys.argv[1:] if not a.startswith('--')]
     flags = dict(a[2:].partition('=')[::2] for a in sys.argv[1:] if a.startswith('--'))
-    if len(args) != 2 or set(flags) - {'checkpoint', 'trust_remote_code'}:
-        raise SystemExit('usage: python export.py <out_dir> <export_dir> [--checkpoint=ckpt.pt] [--trust_remote_code]')
-    # --trust_remote_code: a hf_vlm run whose model needs its own code (only for a model you trust)
-    target = export(args[0], args[1], flags.get('checkpoint') or 'ckpt.pt', 'trust_remote_code' in flags)
-    print(f'exported {args[0]} as {target} to {args[1]}: load it with AutoModelForImageTextToText and AutoProcessor')
+    on = lambda key: flags.get(key) in ('', 'True')  # --gguf or --gguf=True
+    if len(args) != 2 or set(flags) - {'checkpoint', 'trust_remote_code', 'gguf', 'gguf_type', 'gguf_force'} or \
+            (('gguf_type' in flags or 'gguf_force' in flags) and not on('gguf')):
+        raise SystemExit('usage: python export.py <out_dir> <export_dir> [--checkpoint=ckpt.pt] [--trust_remote_code] '
+                         '| [--gguf [--gguf_type=f32|f16|q8_0] [--gguf_force=True]]')
+    checkpoint = flags.get('checkpoint') or 'ckpt.pt'
+    if on('gguf'):
+        forced = export_gguf(args[0], args[1], checkpoint, flags.get('gguf_type') or 'f32', on('gguf_force'))
+        print(f'wrote {args[1]}/model.gguf and {args[1]}/mmproj.gguf ({flags.get("gguf_type") or "f32"}), for '
+              f'llama-mtmd-cli -m model.gguf --mmproj mmproj.gguf --jinja')
+        if forced:
+            print('FORCED (--gguf_force): stock llama.cpp will not answer as the run does: ' + '; and '.join(forced))
+    else:
+        # --trust_remote_code: a hf_vlm run whose model needs its own code (only for a model you trust)
+        target = export(args[0], args[1], checkpoint, 'trust_remote_code' in flags)
+        print(f'exported {args[0]} as {target} to {args[1]}: load it with AutoModelForImageTextToText and AutoProcessor')

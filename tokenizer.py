@@ -127,6 +127,14 @@ class Tokenizer:
         return ids, sup
 
 
+def bytes_to_unicode():
+    """The printable stand-ins of the 256 bytes in byte-level BPE (GPT-2's table), in byte order: how the byte
+    tokenizer's symbols are written for transformers (export.py) and llama.cpp (gguf_export.py)."""
+    keep = list(range(ord('!'), ord('~') + 1)) + list(range(ord('¡'), ord('¬') + 1)) + list(range(ord('®'), ord('ÿ') + 1))
+    extra = iter(range(256, 512))
+    return [chr(b) if b in keep else chr(next(extra)) for b in range(256)]
+
+
 # A chat template for models without one (GPT-2): "User: ...\nAssistant: ...<eos>\n"
 PLAIN_CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}"
                        "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"

@@ -62,6 +62,7 @@ def test_idefics3_export_equals_the_run(shapes_dir, tmp_path, tokenizer):
     assert export(out, tmp_path / 'hf') == 'idefics3'
     hf, processor = assert_same_as_glimpse(out, tmp_path / 'hf', 64)
     assert type(hf).__name__ == 'Idefics3ForConditionalGeneration'
+    assert hf.config.text_config.architectures == ['LlamaForCausalLM']  # llama.cpp's converter picks its model by it
     fake, glob, img = processor.tokenizer.convert_tokens_to_ids(['<fake_token_around_image>', '<global-img>', '<image>'])
     ids = processor(text='<image>', images=[[Image.new('RGB', (64, 64))]])['input_ids'][0]
     assert list(ids) == [fake, glob] + [img] * 16 + [fake]  # SmolVLM's layout, 16 image tokens
