@@ -11,9 +11,10 @@ glimpse's one on-disk format, read and written in one place, and the batches tra
     data/<name>/meta.json        source, image size, class names, counts, what was skipped
     data/<name>/skipped.txt      every skipped image or row, with its path or line number
 
-DatasetWriter writes it (prepare_data.py turns each source into it); VLMDataset reads it. collate() turns
-samples into padded batches (pack_turns, encode_sample: which tokens carry the loss); DataOrder and
-step_batches give a seeded, resumable order. fit() is the one resize to a dataset's square images, used
+DatasetWriter writes it (prepare_data.py turns each source into it); VLMDataset reads it, its records indexed by
+byte offset and parsed when asked for (Records). collate() turns samples into padded batches (pack_turns,
+encode_sample: which tokens carry the loss), caption_batch() stage 1's; DataOrder and step_batches give a seeded,
+resumable order. fit() is the one resize to a dataset's square images, used
 when a dataset is prepared and when sample.py or classify.py read an image (image_pixels).
 """
 import io
@@ -21,6 +22,7 @@ import itertools
 import json
 import os
 import shutil
+from array import array
 from collections import Counter
 
 import numpy as np
@@ -220,10 +222,72 @@ class ShardImages:
         return {**self.__dict__, 'fds': {}}
 
 
+class Records:
+    """The records of a <split>.jsonl, parsed when asked for: records[i] reads its line (os.pread, safe in forked
+    DataLoader workers) and returns a fresh dict. Resident: three numpy arrays, 16 bytes a record and no Python
+    object per record, so forked workers share them (copy-on-write copies none of their pages; a list of dicts
+    costs ~5 KB a LLaVA record and is copied page by page as workers touch it). offsets and lengths: the
+    record's line in the file; caption >= 0: the record is that caption of its line alone (expand_captions)."""
+
+    def __init__(self, path, offsets, lengths, caption):
+        self.path, self.offsets, self.lengths, self.caption = path, offsets, lengths, caption
+        self.fd = None
+
+    @classmethod
+    def index(cls, path, max_samples=0, expand_captions=False):
+        """One pass over the file: every line must be a JSON object (a one-line error names the line otherwise).
+        expand_captions: a record with several captions and no turns is one record per caption."""
+        offsets, lengths, caption = array('q'), array('i'), array('i')
+        at = 0
+        with open(path, 'rb') as f:
+            for lineno, line in enumerate(f, 1):
+                if max_samples and len(offsets) >= max_samples:
+                    break
+                try:
+                    r = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise GlimpseError(f'data error: {path} line {lineno} is not valid JSON '
+                                       f'({getattr(e, "msg", None) or e.reason})')
+                if not isinstance(r, dict):
+                    raise GlimpseError(f'data error: {path} line {lineno} is not a JSON object')
+                n = len(r.get('captions') or []) if expand_captions and not r.get('turns') else 0
+                for c in range(n) if n > 1 else [-1]:
+                    offsets.append(at)
+                    lengths.append(len(line))
+                    caption.append(c)
+                at += len(line)
+        n = min(len(offsets), max_samples or len(offsets))
+        return cls(path, np.frombuffer(offsets, np.int64)[:n].copy(), np.frombuffer(lengths, np.int32)[:n].copy(),
+                   np.frombuffer(caption, np.int32)[:n].copy())
+
+    def __len__(self):
+        return len(self.offsets)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = range(len(self))[i]  # negative indices; IndexError past the end
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_RDONLY)
+        r = json.loads(os.pread(self.fd, int(self.lengths[i]), int(self.offsets[i])))
+        c = int(self.caption[i])
+        return r if c < 0 else {**r, 'captions': [r['captions'][c]]}
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def __getstate__(self):  # an open file descriptor does not travel to a spawned worker
+        return {**self.__dict__, 'fd': None}
+
+    def __del__(self):
+        if getattr(self, 'fd', None) is not None:
+            os.close(self.fd)
+
+
 class VLMDataset:
-    """One split of a prepared dataset: records from <split>.jsonl, pixels memory-mapped from
-    images.npy (or decoded from shards/). A training record with several captions and no turns
-    becomes one sample per caption (expand_captions), so every caption is trained on."""
+    """One split of a prepared dataset: records from <split>.jsonl (Records: indexed by byte offset, each parsed
+    when asked for), pixels memory-mapped from images.npy (or decoded from shards/). A training record with
+    several captions and no turns becomes one sample per caption (expand_captions), so every caption is trained on."""
 
     def __init__(self, data_dir, split, max_samples=0, expand_captions=None):
         sharded = os.path.exists(os.path.join(data_dir, 'shards', 'index.npy'))
@@ -236,22 +300,7 @@ class VLMDataset:
         self.data_dir = data_dir
         self.images = self._open_images()
         expand = split == 'train' if expand_captions is None else expand_captions
-        self.records = []
-        path = os.path.join(data_dir, f'{split}.jsonl')
-        with open(path) as f:
-            for lineno, line in enumerate(f, 1):
-                if max_samples and len(self.records) >= max_samples:
-                    break
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise GlimpseError(f'data error: {path} line {lineno} is not valid JSON ({e.msg})')
-                if expand and not r.get('turns') and len(r.get('captions', [])) > 1:
-                    self.records += [{**r, 'captions': [c]} for c in r['captions']]
-                else:
-                    self.records.append(r)
-        if max_samples:
-            self.records = self.records[:max_samples]
+        self.records = Records.index(os.path.join(data_dir, f'{split}.jsonl'), max_samples, expand)
 
     def _open_images(self):
         if os.path.exists(os.path.join(self.data_dir, 'shards', 'index.npy')):
@@ -472,6 +521,14 @@ def hf_collate(processor, dataset, indices, max_len, stats=None):
     return batch
 
 
+def caption_batch(dataset, indices, stats=None, rows=None):
+    """train_siglip.py's micro-batch: for the records rows[i] of indices (rows: record indices, None: all),
+    {'images': uint8 (B, S, S, 3), 'captions': each image's list of captions}. stats: unused (collate's)."""
+    recs = [dataset.records[int(i if rows is None else rows[i])] for i in indices]
+    return {'images': torch.from_numpy(np.stack([np.asarray(dataset.images[r['image']]) for r in recs])),
+            'captions': [r['captions'] for r in recs]}
+
+
 class DataOrder:
     """A seeded permutation of the n samples per epoch. A position counts samples from the start of epoch 0;
     its state, (epoch, cursor), is what a checkpoint keeps, so a resumed run goes on in the same order."""
@@ -511,12 +568,14 @@ class StepBatches(torch.utils.data.Dataset):
     position, how many of its samples were truncated, and the data order's state after the step (what a
     checkpoint written after it keeps). Each item computes its indices from its position alone, so
     DataLoader workers build steps ahead, in any order, with the data order of an inline run (and of a
-    resumed one)."""
+    resumed one). collate_fn(dataset, indices, stats, **collate_args) makes a micro-batch: collate, or
+    caption_batch for train_siglip.py."""
 
-    def __init__(self, dataset, order, batch_size, grad_accum, world_size, rank, collate_args):
+    def __init__(self, dataset, order, batch_size, grad_accum, world_size, rank, collate_args, collate_fn=collate):
         self.dataset, self.order = dataset, DataOrder(order.n, order.seed, **order.state())  # a copy of its own
         self.batch_size, self.grad_accum, self.world_size, self.rank = batch_size, grad_accum, world_size, rank
         self.collate_args = collate_args  # collate's keywords: tokenizer, num_image_tokens, max_len, ...
+        self.collate_fn = collate_fn
 
     def __len__(self):
         return 1 << 62  # endless: epochs follow one another
@@ -528,7 +587,7 @@ class StepBatches(torch.utils.data.Dataset):
         stats, micro = Counter(), []
         for m in range(self.grad_accum):
             s = (m * self.world_size + self.rank) * self.batch_size
-            micro.append(collate(self.dataset, idx[s:s + self.batch_size], stats=stats, **self.collate_args))
+            micro.append(self.collate_fn(self.dataset, idx[s:s + self.batch_size], stats=stats, **self.collate_args))
         return micro, stats['truncated'], self.order.state(start + need)
 
 
@@ -536,10 +595,11 @@ def _one_thread(worker_id):  # a worker builds batches; the training step keeps 
     torch.set_num_threads(1)
 
 
-def step_batches(dataset, order, batch_size, grad_accum, world_size, rank, collate_args, num_workers=0):
+def step_batches(dataset, order, batch_size, grad_accum, world_size, rank, collate_args, num_workers=0,
+                 collate_fn=collate):
     """Endless (micro-batches, truncated, data-order state) per optimizer step; num_workers > 0 builds them in that many
     DataLoader processes, two steps ahead each (decoding --shards images, tokenizing)."""
-    steps = StepBatches(dataset, order, batch_size, grad_accum, world_size, rank, collate_args)
+    steps = StepBatches(dataset, order, batch_size, grad_accum, world_size, rank, collate_args, collate_fn)
     if num_workers == 0:
         return (steps[k] for k in itertools.count())
     loader = torch.utils.data.DataLoader(steps, batch_size=None, shuffle=False, num_workers=num_workers,

@@ -10,6 +10,7 @@ shape checked), and wrappers for the models that have no native counterpart:
     FrozenTextEncoder        a frozen text model's pooled features (train_siglip.py's frozen text towers)
 """
 import base64
+import itertools
 import json
 import math
 import os
@@ -59,9 +60,14 @@ def is_native_llm(source):
     return AutoConfig.from_pretrained(directory, gguf_file=gguf).model_type in NATIVE_LLMS
 
 
-def read_weights(directory):
-    """Every tensor of a Hugging Face model directory: model.safetensors, its shards, or pytorch_model.bin."""
-    from safetensors.torch import load_file
+def read_weights(directory, dtype=None, copy=()):
+    """Every tensor of a Hugging Face model directory (model.safetensors, its shards, or pytorch_model.bin),
+    memory-mapped: a tensor is a view of the file's pages, read from disk when first touched and shared through
+    the page cache by every process that maps the file (the ranks of a node). dtype: a tensor stored in another
+    dtype is converted, read on its own (safetensors' pread backend) so that the stored copy is never held
+    beside the converted one (a bf16 checkpoint in float32: 1x its float32 bytes, not 1.5x). copy: names read
+    that way too, into memory of their own (matrices the caller replaces, whose mapped pages would stay)."""
+    from safetensors import safe_open
     index = os.path.join(directory, 'model.safetensors.index.json')
     if os.path.isfile(index):
         with open(index) as f:
@@ -69,10 +75,25 @@ def read_weights(directory):
     elif os.path.isfile(os.path.join(directory, 'model.safetensors')):
         files = ['model.safetensors']
     elif os.path.isfile(os.path.join(directory, 'pytorch_model.bin')):
-        return torch.load(os.path.join(directory, 'pytorch_model.bin'), map_location='cpu', weights_only=True)
+        sd = torch.load(os.path.join(directory, 'pytorch_model.bin'), map_location='cpu', weights_only=True, mmap=True)
+        return {k: v if dtype is None else v.to(dtype) for k, v in sd.items()}
     else:
         raise GlimpseError(f'pretrained error: no model.safetensors (or shards, or pytorch_model.bin) in {directory}')
-    return {k: v for name in files for k, v in load_file(os.path.join(directory, name)).items()}
+    tensors = {}
+    for name in files:
+        path, convert = os.path.join(directory, name), []
+        with safe_open(path, framework='pt') as f:  # memory-mapped
+            for k in f.keys():
+                t = f.get_tensor(k)  # a view of the mapping: nothing is read yet
+                if k not in copy and (dtype is None or t.dtype == dtype):
+                    tensors[k] = t
+                else:
+                    convert.append(k)
+        if convert:
+            with safe_open(path, framework='pt', backend='pread') as f:
+                for k in convert:
+                    tensors[k] = f.get_tensor(k) if dtype is None else f.get_tensor(k).to(dtype)
+    return tensors
 
 
 def decoder_config_from_hf(hf, source):
@@ -103,9 +124,12 @@ def decoder_config_from_hf(hf, source):
 
 def load_decoder(hf_config, state_dict, source):
     """Hugging Face Llama-family weights -> Decoder. Names map one to one after dropping the 'model.' prefix;
-    every tensor must be used and every shape must match."""
+    every tensor must be used and every shape must match. The Decoder is built on the meta device and takes the
+    tensors themselves (assign: no random model first, no copy; converted to float32 where they are not), so
+    memory-mapped weights (read_weights) stay views of the file's pages until they are written to."""
     cfg = decoder_config_from_hf(hf_config, source)
-    decoder = Decoder(cfg)
+    with torch.device('meta'):
+        decoder = Decoder(cfg)
     sd = {k.removeprefix('model.'): v for k, v in state_dict.items() if not k.endswith('rotary_emb.inv_freq')}
     if cfg.tie_embeddings:  # tied checkpoints may or may not store the shared matrix twice
         sd.pop('lm_head.weight', None)
@@ -119,7 +143,12 @@ def load_decoder(hf_config, state_dict, source):
     for k, v in sd.items():
         if v.shape != expected[k].shape:
             raise ValueError(f'{source}: {k} has shape {tuple(v.shape)}, the config says {tuple(expected[k].shape)}')
-    decoder.load_state_dict(sd)
+    decoder.load_state_dict({k: v.float() for k, v in sd.items()}, assign=True)
+    if cfg.tie_embeddings:  # assign gave each name a Parameter of its own: tie them again
+        decoder.lm_head.weight = decoder.embed_tokens.weight
+    left = [k for k, t in itertools.chain(decoder.named_parameters(), decoder.named_buffers()) if t.is_meta]
+    if left:  # a buffer that is not in the state dict (non-persistent) must be made, not left on meta
+        raise ValueError(f'{source}: the native decoder left {left[:4]} on the meta device')
     return decoder
 
 
@@ -177,10 +206,14 @@ class HFCausalLM(nn.Module):
 
 
 def mean_rows(weight, n_rows, new_ids):
-    """(V, C) embedding or output matrix grown to n_rows; rows new_ids (tokens glimpse added) set to the mean
-    of the original rows, so a new token starts as an average token rather than as noise."""
-    out = torch.cat([weight, weight.new_zeros(max(0, n_rows - weight.shape[0]), weight.shape[1])])
-    out[new_ids] = weight.mean(0)
+    """(V, C) embedding or output matrix with n_rows rows; rows new_ids (tokens glimpse added) set to the mean
+    of the original rows, so a new token starts as an average token rather than as noise. A matrix that has
+    the rows already is changed in place (memory-mapped, only the pages of those rows are copied); a smaller
+    one grows into a new matrix."""
+    mean = weight.mean(0)
+    out = weight if weight.shape[0] >= n_rows else \
+        torch.cat([weight, weight.new_zeros(n_rows - weight.shape[0], weight.shape[1])])
+    out[new_ids] = mean
     return out
 
 
@@ -199,13 +232,14 @@ def load_pretrained_llm(source, image_layout='plain'):
     else:
         hf_config = AutoConfig.from_pretrained(directory)
     if hf_config.model_type in NATIVE_LLMS:
-        sd = dict(hf_model.state_dict() if hf_model is not None else read_weights(directory))
+        grown = ('model.embed_tokens.weight', 'lm_head.weight') if tok.vocab_size > hf_config.vocab_size else ()
+        sd = dict(hf_model.state_dict() if hf_model is not None else read_weights(directory, torch.float32, grown))
         try:
             cfg = decoder_config_from_hf(hf_config, source)
             n = max(cfg.vocab_size, tok.vocab_size)
             for k in ('model.embed_tokens.weight', 'lm_head.weight'):
                 if k in sd and not (cfg.tie_embeddings and k == 'lm_head.weight'):
-                    sd[k] = mean_rows(sd[k].float(), n, new_ids)
+                    sd[k] = mean_rows(sd[k], n, new_ids)  # float32 already (read_weights, or transformers')
             hf_config.vocab_size = n
             return tok, load_decoder(hf_config, sd, source)
         except ValueError as e:  # a checkpoint the native decoder cannot hold

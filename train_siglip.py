@@ -10,6 +10,7 @@ its vision tower from here: python train_vlm.py config/shapes.py --vision=out/sh
 Defaults below; a config file and --key=value overrides replace them (see configurator.py).
 """
 import importlib.util
+import json
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, raw_state_dict, save_checkpoint
 from configurator import apply_config
-from data import DataOrder, VLMDataset
+from data import DataOrder, VLMDataset, caption_batch, step_batches
 from model import ViTConfig
 from pretrained import FrozenTextEncoder
 from siglip import SigLIP, SigLIPConfig, TextConfig, siglip_loss
@@ -37,6 +38,7 @@ out_dir = 'out/shapes_siglip'
 data_dir = 'data/shapes'
 init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
 max_samples = 0  # train on the first N samples only (0 = all)
+num_workers = 0  # DataLoader processes reading and decoding each step's images ahead of it (--shards); 0 = inline
 # image tower
 image_tower = 'vit'  # 'vit' (glimpse's ViT, which train_vlm.py can load) or 'resnet50' (torchvision, from scratch)
 image_size = 64
@@ -98,13 +100,21 @@ ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype,
 master, device_type = rank == 0, device.split(':')[0]
 amp, scaler = precision(device_type, dtype)  # autocast (none in fp32), and loss scaling in fp16
 
-# data: images with at least one caption
+# data: images with at least one caption. The training records are kept by index (data.Records parses one when
+# asked for); an id per distinct caption: a batch's identical captions are positives of each other's images
+# (siglip_loss)
 train_set = VLMDataset(data_dir, 'train', max_samples)
 val_set = VLMDataset(data_dir, 'val')
-train_recs = [r for r in train_set.records if r.get('captions')]
+train_rows, caption_id = [], {}
+for i, r in enumerate(train_set.records):
+    if r.get('captions'):
+        train_rows.append(i)
+        for c in r['captions']:
+            caption_id.setdefault(c, len(caption_id))
+train_rows = np.array(train_rows, dtype=np.int64)
 val_recs = [r for r in val_set.records if r.get('captions')][:eval_samples or None]
-if not train_recs or not val_recs:
-    raise SystemExit(f"data error: no captions in {data_dir}/{'train' if not train_recs else 'val'}.jsonl; "
+if not len(train_rows) or not val_recs:
+    raise SystemExit(f"data error: no captions in {data_dir}/{'train' if not len(train_rows) else 'val'}.jsonl; "
                      f"train_siglip.py learns from the 'captions' field of each record")
 
 
@@ -131,8 +141,6 @@ def zero_shot_tasks(meta, recs):
 tasks = zero_shot_tasks(val_set.meta, val_recs)
 if captions_per_step not in ('one', 'all'):
     raise SystemExit(f"config error: captions_per_step='{captions_per_step}'; use 'one' or 'all'")
-# an id per distinct caption: a batch's identical captions are positives of each other's images (siglip_loss)
-caption_id = {c: i for i, c in enumerate(dict.fromkeys(c for r in train_recs for c in r['captions']))}
 # a resumed run's checkpoint, on the CPU: its tensors are copied into place (weights, optimizer state)
 ckpt = load_checkpoint(os.path.join(out_dir, 'ckpt.pt')) if init_from == 'resume' else None
 if ckpt:  # the towers a run was started with stay its towers
@@ -158,33 +166,50 @@ def frozen_tower_path(name):
 
 
 def cached_text_features(path, texts):
-    """(features (N, F), {text: row}) of a frozen encoder for every text, computed once per dataset:
-    kept in data_dir/text_features_<encoder>_<layer>.pt, extended when new texts (prompts, samples) appear."""
+    """(features (N, F) float16, memory-mapped; {text: row}) of a frozen encoder for every text, computed once per
+    dataset: data_dir/text_features_<encoder>_<layer>.npy, with its texts and source in the .json beside it;
+    extended when new texts (prompts, samples) appear. Half precision and mapped: COCO's captions at phi-2 width
+    are 3 GB, not 6, held once by the page cache for every rank instead of once a rank."""
     layer = f'layer{text_layer}' if text_layer else 'auto'
-    cache_path = os.path.join(data_dir, f'text_features_{os.path.basename(path.rstrip("/"))}_{layer}.pt')
-    cache = torch.load(cache_path, weights_only=True) if os.path.exists(cache_path) else None
-    if cache is not None and cache['source'] != os.path.abspath(path):
-        cache = None  # another encoder of the same file name
+    stem = os.path.join(data_dir, f'text_features_{os.path.basename(path.rstrip("/"))}_{layer}')
+    cache = None
+    if os.path.exists(stem + '.json') and os.path.exists(stem + '.npy'):
+        with open(stem + '.json') as f:
+            cache = json.load(f)
+        if cache['source'] != os.path.abspath(path):
+            cache = None  # another encoder of the same file name
     known = set(cache['texts']) if cache else set()
     missing = sorted(set(texts) - known)
     if missing and master:
         t0 = time.perf_counter()
         encoder = FrozenTextEncoder(path, device, text_layer)
         with amp():
-            feats = encoder(missing)
+            feats = encoder(missing).numpy()
         print(f'text tower: {len(missing)} texts through frozen {path} in {time.perf_counter() - t0:.0f} s')
-        cache = {'source': os.path.abspath(path), 'texts': (cache['texts'] if cache else []) + missing,
-                 'features': torch.cat([cache['features'], feats]) if cache else feats}
-        save_checkpoint(cache, cache_path)
+        if np.abs(feats).max() > np.finfo(np.float16).max:
+            raise SystemExit(f'text_tower error: features of {path} reach {np.abs(feats).max():.3g}, beyond float16; '
+                             f'pool another layer (--text_layer)')
+        old = np.load(stem + '.npy', mmap_mode='r')[:len(cache['texts'])] if cache else feats[:0]
+        new = np.lib.format.open_memmap(stem + '.npy.tmp', mode='w+', dtype=np.float16,
+                                        shape=(len(old) + len(feats), feats.shape[1]))
+        new[:len(old)], new[len(old):] = old, feats
+        new.flush()
+        del new, old
+        os.replace(stem + '.npy.tmp', stem + '.npy')  # the old rows first: the old .json still describes them
+        cache = {'source': os.path.abspath(path), 'texts': (cache['texts'] if cache else []) + missing}
+        with open(stem + '.json.tmp', 'w') as f:
+            json.dump(cache, f)
+        os.replace(stem + '.json.tmp', stem + '.json')
     if ddp:
         torch.distributed.barrier()  # the master wrote the cache; everyone reads the same one
     if missing and not master:
-        cache = torch.load(cache_path, weights_only=True)
-    return cache['features'], {t: i for i, t in enumerate(cache['texts'])}
+        with open(stem + '.json') as f:
+            cache = json.load(f)
+    return np.load(stem + '.npy', mmap_mode='r'), {t: i for i, t in enumerate(cache['texts'])}
 
 
 if frozen:
-    needed = [c for r in train_recs + val_recs for c in r['captions']]
+    needed = list(caption_id) + [c for r in val_recs for c in r['captions']]
     needed += [t.format(c) for _, names, templates, _ in tasks for c in names for t in templates]
     text_features, text_row = cached_text_features(frozen_tower_path(text_tower), needed)
 
@@ -192,7 +217,8 @@ if frozen:
 def text_batch(texts):
     """The model's text inputs for a list of strings: byte ids and mask, or frozen features."""
     if frozen:
-        return {'features': text_features[[text_row[t] for t in texts]].to(device)}
+        rows = np.asarray(text_features[[text_row[t] for t in texts]])  # (B, F) float16, read from the mapped file
+        return {'features': torch.from_numpy(rows).float().to(device)}
     seqs = []
     for t in texts:
         ids = [tok.bos_id] + tok.encode(t)  # <bos> first: never an empty sequence
@@ -205,10 +231,6 @@ def text_batch(texts):
     for b, s in enumerate(seqs):
         ids[b, :len(s)], mask[b, :len(s)] = torch.tensor(s), True
     return {'ids': ids.to(device), 'mask': mask.to(device)}
-
-
-def image_batch(recs):
-    return torch.from_numpy(np.stack([train_set.images[r['image']] for r in recs])).to(device)
 
 
 # model
@@ -232,18 +254,18 @@ if master:
     count = lambda m: sum(p.numel() for p in m.parameters()) if m is not None else 0
     print(f'parameters: image tower {count(model.vision_tower)}, text tower ' +
           (f'frozen {text_tower}' if frozen else f'{count(model.text_tower)}') +
-          f', heads {count(model.image_head) + count(model.text_head)}; train {len(train_recs)}, '
+          f', heads {count(model.image_head) + count(model.text_head)}; train {len(train_rows)}, '
           f'val {len(val_recs)}; device {device}, dtype {dtype}, world {world_size}')
 
 lr_scales = {'text_tower': text_lr / learning_rate} if text_lr else None  # the heads keep learning_rate
 optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, lr_scales=lr_scales)
-order = DataOrder(len(train_recs), seed)
 iter_num, train_time, rng = 0, 0.0, None  # rng: every rank's generators when the checkpoint was written
+data_state = {'epoch': 0, 'cursor': 0}  # the data order after the last step (data.DataOrder.state)
 if ckpt:
     optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt.get('scaler', {}))
     iter_num, train_time = ckpt['iter_num'], ckpt['train_time']
-    order = DataOrder(len(train_recs), seed, **ckpt['data_order'])
+    data_state = ckpt['data_order']
     rng = ckpt['rng']
     ckpt = None
 saved_at = train_time  # training seconds at the last checkpoint (checkpoint_minutes)
@@ -252,6 +274,10 @@ if compile:
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 logger = MetricsLogger(out_dir, master, iter_num == 0, wandb_log, wandb_project, wandb_run_name, config)
+# each step's images and captions, this rank's slice of the global batch (read and decoded ahead in num_workers
+# processes); the order's position travels with each step, so a checkpoint keeps the one after its step
+loader = step_batches(train_set, DataOrder(len(train_rows), seed, **data_state), batch_size, 1, world_size, rank,
+                      {'rows': train_rows}, num_workers, collate_fn=caption_batch)
 if rng is not None:  # every generator as the checkpoint left it, once start-up is done
     set_rng_state(rng[min(rank, len(rng) - 1)] if isinstance(rng, list) else rng)
 
@@ -302,7 +328,7 @@ def evaluate():
 def save(path, rngs):
     save_checkpoint({'model': raw_state_dict(model), 'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
                      'model_config': model_cfg.to_dict(), 'config': config, 'iter_num': iter_num,
-                     'data_order': order.state(), 'train_time': train_time, 'rng': rngs}, path)
+                     'data_order': data_state, 'train_time': train_time, 'rng': rngs}, path)
 
 
 # -----------------------------------------------------------------------------
@@ -335,25 +361,24 @@ while True:
     t_step = time.perf_counter()
 
     # one step: this rank's slice of the global batch; one caption per image drawn per step, or all of them
-    idx = order.take(batch_size * world_size)
+    (batch,), _, next_data_state = next(loader)
+    captions = batch['captions']  # each image's
     g = torch.Generator().manual_seed(seed * 1_000_003 + iter_num)  # the same draw on every rank and on resume
-    draw = torch.randint(0, 2 ** 30, (len(idx),), generator=g).tolist()
-    mine = range(rank * batch_size, (rank + 1) * batch_size)
-    recs = [train_recs[idx[i]] for i in mine]
+    draw = torch.randint(0, 2 ** 30, (batch_size * world_size,), generator=g)[rank * batch_size:(rank + 1) * batch_size]
     if captions_per_step == 'all':  # each distinct text once: the loss scores a repeat only once anyway
-        texts = list(dict.fromkeys(c for r in recs for c in r['captions']))
+        texts = list(dict.fromkeys(c for cs in captions for c in cs))
     else:
-        texts = [r['captions'][draw[i] % len(r['captions'])] for i, r in zip(mine, recs)]
+        texts = [cs[d % len(cs)] for d, cs in zip(draw.tolist(), captions)]
     text_ids = torch.tensor([caption_id[t] for t in texts], device=device)
-    K = max(len(r['captions']) for r in recs)  # a text is positive for every image it is a caption of
-    image_ids = torch.tensor([[caption_id[c] for c in r['captions']] + [-1] * (K - len(r['captions'])) for r in recs],
-                             device=device)
+    K = max(len(cs) for cs in captions)  # a text is positive for every image it is a caption of
+    image_ids = torch.tensor([[caption_id[c] for c in cs] + [-1] * (K - len(cs)) for cs in captions], device=device)
     with amp():
-        loss = model(image_batch(recs), **text_batch(texts), distributed=ddp, text_ids=text_ids, image_ids=image_ids)
+        loss = model(batch['images'].to(device), **text_batch(texts), distributed=ddp, text_ids=text_ids,
+                     image_ids=image_ids)
     scaler.scale(loss).backward()  # DDP averages over ranks: with loss / local B, the global-batch gradient
     optimizer_step(model, optimizer, scaler, grad_clip)
-    iter_num += 1
-    images_seen += len(recs)
+    iter_num, data_state = iter_num + 1, next_data_state
+    images_seen += len(captions)
     dt_window += time.perf_counter() - t_step
 
     if iter_num % log_interval == 0:

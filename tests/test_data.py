@@ -1,13 +1,17 @@
 """data.py: the on-disk format's batches (which tokens carry the loss, truncation, the data order) and the one
 image fit that prepared datasets and inference share."""
+import gc
+import json
+import pickle
 from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 import prepare_data
-from data import DataOrder, StepBatches, VLMDataset, collate, encode_sample, fit, image_pixels
+from data import DataOrder, Records, StepBatches, VLMDataset, collate, encode_sample, fit, image_pixels
 from model import IGNORE_INDEX
 from tokenizer import Tokenizer
 
@@ -40,6 +44,52 @@ def test_inference_sees_the_pixels_a_prepared_dataset_holds(tmp_path):
     assert image_pixels(str(root / '0.png')).shape == (30, 40, 3)  # no size: as it is (a processor resizes)
     with pytest.raises(SystemExit, match='cannot read'):
         image_pixels(str(tmp_path / 'photos'), 16)
+
+
+def write_split(d, lines, split='train'):
+    d.mkdir(exist_ok=True)
+    np.save(d / 'images.npy', np.zeros((1, 4, 4, 3), np.uint8))
+    (d / 'meta.json').write_text(json.dumps({'source': 'test', 'image_size': 4}))
+    (d / f'{split}.jsonl').write_text(''.join(l + '\n' for l in lines))
+
+
+def test_records_are_indexed_by_byte_offset_and_parsed_when_asked_for(tmp_path):
+    """VLMDataset.records holds byte offsets, not dicts: no Python object per record (so forked DataLoader workers
+    share its pages), each record parsed from its line when asked for, as the list of dicts it replaces read."""
+    recs = [{'id': str(i), 'image': i, 'turns': [{'role': 'user', 'content': f'<image>\nq{i} \u00e9'},
+                                                  {'role': 'assistant', 'content': f'a{i}'}]} for i in range(3000)]
+    recs[7] = {'id': '7', 'image': 7, 'captions': ['one', 'two', 'three']}  # expanded to one record per caption
+    write_split(tmp_path / 'd', [json.dumps(r) for r in recs])
+    expected = recs[:7] + [{**recs[7], 'captions': [c]} for c in recs[7]['captions']] + recs[8:]
+    gc.collect()
+    before = len(gc.get_objects())
+    ds = VLMDataset(str(tmp_path / 'd'), 'train')
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100  # a list of dicts: 3000 records, each with turns, ~10 objects apiece
+    assert isinstance(ds.records, Records) and ds.records.offsets.dtype == np.int64
+    assert len(ds) == len(ds.records) == 3002 and ds.records.offsets.nbytes + ds.records.lengths.nbytes + \
+        ds.records.caption.nbytes == 16 * len(ds)
+    assert ds.records[0] == expected[0] and ds.records[-1] == expected[-1] and ds.records[8] == expected[8]
+    assert ds.records[5:10] == expected[5:10] and list(ds.records) == expected
+    ds.records[0]['turns'].clear()  # a fresh dict each time: changing one changes nothing held
+    assert ds.records[0] == expected[0]
+    with pytest.raises(IndexError):
+        ds.records[3002]
+    assert list(VLMDataset(str(tmp_path / 'd'), 'train', max_samples=9).records) == expected[:9]
+    assert len(VLMDataset(str(tmp_path / 'd'), 'train', expand_captions=False)) == 3000
+    assert list(pickle.loads(pickle.dumps(ds.records))) == expected  # to a spawned worker: the index, no descriptor
+    loader = torch.utils.data.DataLoader(ds.records, batch_size=None, num_workers=2, collate_fn=lambda r: r)
+    assert list(loader) == expected  # forked workers, the parent's descriptor already open
+
+
+@pytest.mark.parametrize('line, why', [('{"id": 2, "image": 1', 'not valid JSON'), ('[1, 2]', 'not a JSON object'),
+                                       ('', 'not valid JSON'), (b'{"id": "\xff"}', 'not valid JSON')])
+def test_a_bad_record_line_names_the_file_and_line(tmp_path, line, why):
+    write_split(tmp_path / 'd', ['{"id": 0, "image": 0}', '{"id": 1, "image": 0}'])
+    with open(tmp_path / 'd' / 'train.jsonl', 'ab') as f:
+        f.write((line if isinstance(line, bytes) else line.encode()) + b'\n')
+    with pytest.raises(SystemExit, match=f'train.jsonl line 3 is {why}'):
+        VLMDataset(str(tmp_path / 'd'), 'train')
 
 
 # -----------------------------------------------------------------------------

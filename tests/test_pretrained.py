@@ -82,6 +82,7 @@ def test_llama_family_loads_into_the_native_decoder(kind, tmp_path):
     ref = save_tiny(kind, tmp_path)
     tok, llm = load_pretrained_llm(str(tmp_path))
     assert isinstance(llm, Decoder) and llm.cfg.tie_embeddings == ref.config.tie_word_embeddings
+    assert (llm.lm_head.weight is llm.embed_tokens.weight) == llm.cfg.tie_embeddings  # one Parameter when tied
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours, theirs = logits_of(llm, ids), ref(ids).logits
@@ -92,6 +93,48 @@ def test_llama_family_loads_into_the_native_decoder(kind, tmp_path):
     emb = ref.get_input_embeddings().weight
     torch.testing.assert_close(llm.embed_tokens.weight[tok.image_token_id], emb.mean(0))
     torch.testing.assert_close(llm.lm_head.weight[tok.image_token_id], ref.lm_head.weight.mean(0))
+
+
+def mapped_file(tensor):
+    """The file whose memory mapping holds tensor's data, or None (anonymous memory); Linux's /proc/self/maps."""
+    p = tensor.data_ptr()
+    for line in open('/proc/self/maps'):
+        parts = line.split()
+        lo, hi = (int(x, 16) for x in parts[0].split('-'))
+        if lo <= p < hi:
+            return parts[5] if len(parts) > 5 and parts[5].startswith('/') else None
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/maps'), reason='reads memory mappings from /proc (Linux)')
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_the_native_decoder_is_built_on_meta_and_takes_the_memory_mapped_weights(dtype, tmp_path):
+    """No random model first and no copy: float32 weights stay views of model.safetensors' pages (shared by the
+    ranks of a node through the page cache); bf16 ones are converted to float32. Either way the logits are
+    transformers' own in float32, nothing is left on the meta device, the file is never written, and building the
+    VLM around the LLM leaves its weights as loaded."""
+    ref = save_tiny('llama', tmp_path)
+    if dtype != torch.float32:
+        ref.to(dtype).save_pretrained(tmp_path)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    tok, llm = load_pretrained_llm(str(tmp_path))
+    weights = dict(llm.named_parameters())
+    assert all(p.dtype == torch.float32 and not p.is_meta for p in weights.values())
+    up = llm.layers[1].mlp.up_proj.weight
+    assert mapped_file(up) == (str(tmp_path / 'model.safetensors') if dtype == torch.float32 else None)
+    # the vocabulary has room for <image>: its row is set in place, in a copy-on-write page, never in the file
+    assert mapped_file(llm.embed_tokens.weight) == mapped_file(up)
+    torch.testing.assert_close(llm.embed_tokens.weight[tok.image_token_id], ref.get_input_embeddings().weight.mean(0))
+    from safetensors.torch import load_file
+    assert torch.equal(load_file(tmp_path / 'model.safetensors')['model.embed_tokens.weight'].float(),
+                       ref.get_input_embeddings().weight)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, theirs = logits_of(llm, ids), ref(ids).logits
+    keep = torch.arange(300) != tok.image_token_id
+    assert (ours[..., keep] - theirs[..., keep]).abs().max() <= 1e-4
+    before = {k: v.clone() for k, v in weights.items()}
+    tiny_vlm(tok, llm)
+    assert all(torch.equal(before[k], v) for k, v in llm.named_parameters())
 
 
 def test_bad_weights_and_unsupported_rope_are_refused(tmp_path):
@@ -244,9 +287,9 @@ def smollm2_gguf():
 @pytest.fixture(scope='module')
 def smollm2():
     """(glimpse's tokenizer, glimpse's Decoder, transformers' LlamaForCausalLM) of the GGUF file. The reference is
-    the model transformers dequantised for load_pretrained_llm, kept as it left it (load_decoder copies its
-    weights into the Decoder, and only the copies of the embedding rows grow): reading and dequantising the
-    file once more, as a second from_pretrained would, took 17 s of the suite."""
+    the model transformers dequantised for load_pretrained_llm, kept as it left it (load_decoder takes its
+    tensors as they are, without a copy, and only new copies of the embedding rows grow; the tests only read
+    them): reading and dequantising the file once more, as a second from_pretrained would, took 17 s of the suite."""
     path = smollm2_gguf()
     loaded, real = [], transformers.AutoModelForCausalLM.from_pretrained
 
@@ -256,7 +299,8 @@ def smollm2():
     with mock.patch.object(transformers.AutoModelForCausalLM, 'from_pretrained', keep):
         tok, llm = load_pretrained_llm(path)
     (ref,) = loaded
-    assert llm.layers[0].mlp.up_proj.weight.data_ptr() != ref.model.layers[0].mlp.up_proj.weight.data_ptr()
+    assert llm.layers[0].mlp.up_proj.weight.data_ptr() == ref.model.layers[0].mlp.up_proj.weight.data_ptr()
+    assert llm.embed_tokens.weight.shape[0] > ref.model.embed_tokens.weight.shape[0]  # grown by <image>: a copy
     return tok, llm.eval(), ref.eval()
 
 

@@ -3,6 +3,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -228,10 +229,15 @@ def test_frozen_text_tower_features_are_cached_once(siglip_run, tmp_path):
     assert 'texts through frozen' in first.stdout
     again = run(args + [f'--out_dir={tmp_path / "b"}'])
     assert 'texts through frozen' not in again.stdout  # the cache answered
-    cache = torch.load(os.path.join(data, 'text_features_tiny_bert_auto.pt'), weights_only=True)
+    # half precision, memory-mapped by every rank; the texts of its rows beside it
+    features = np.load(os.path.join(data, 'text_features_tiny_bert_auto.npy'), mmap_mode='r')
+    with open(os.path.join(data, 'text_features_tiny_bert_auto.json')) as f:
+        texts = json.load(f)['texts']
+    assert isinstance(features, np.memmap) and features.dtype == np.float16 and features.shape == (len(texts), 16)
     from pretrained import FrozenTextEncoder
-    direct = FrozenTextEncoder(str(enc_dir))(cache['texts'][:5])
-    torch.testing.assert_close(cache['features'][:5], direct, rtol=0.05, atol=0.05)  # the cache ran in bf16 autocast
+    direct = FrozenTextEncoder(str(enc_dir))(texts[:5])
+    # the cache ran in bf16 autocast
+    torch.testing.assert_close(torch.from_numpy(features[:5].astype(np.float32)), direct, rtol=0.05, atol=0.05)
     ckpt = torch.load(tmp_path / 'b' / 'ckpt.pt', weights_only=True)
     assert ckpt['model_config']['text_tower'] == 'frozen' and not any(k.startswith('text_tower.') for k in ckpt['model'])
 
@@ -251,3 +257,19 @@ def test_text_lr_slows_the_text_tower_alone(siglip_run, tmp_path):
                                if k.startswith(prefix))
     assert moved('text_tower.') < 1e-9
     assert moved('vision_tower.') > 1e-3 and moved('text_head.') > 1e-3
+
+
+def test_resumed_run_with_loader_workers_ends_where_an_uninterrupted_inline_one_does(siglip_run, tmp_path):
+    """Images read and decoded in a DataLoader worker (num_workers=1), stopped after 2 steps and resumed to 4, give
+    the weights of 4 steps read inline: the same batches, the same caption draws, the same data order."""
+    data = siglip_run[1]
+    args = [sys.executable, 'train_siglip.py', f'--data_dir={data}', *SIGLIP_TINY, '--batch_size=32',
+            '--max_samples=128', '--eval_samples=16', '--eval_interval=2', '--warmup_iters=0', '--learning_rate=1e-2',
+            '--min_lr=1e-2']  # a constant learning rate: the first half's schedule does not depend on max_iters
+    run(args + [f'--out_dir={tmp_path / "inline"}', '--max_iters=4'])
+    run(args + [f'--out_dir={tmp_path / "workers"}', '--max_iters=2', '--num_workers=1'])
+    run(args + [f'--out_dir={tmp_path / "workers"}', '--max_iters=4', '--num_workers=1', '--init_from=resume'])
+    inline, workers = (torch.load(tmp_path / d / 'ckpt.pt', weights_only=True) for d in ('inline', 'workers'))
+    assert inline['iter_num'] == workers['iter_num'] == 4 and inline['data_order'] == workers['data_order']
+    for k, v in inline['model'].items():
+        torch.testing.assert_close(workers['model'][k], v, rtol=0, atol=0, msg=k)
