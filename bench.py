@@ -6,11 +6,16 @@ model train_vlm.py would train: the same keys and defaults, built by the same ch
     python bench.py config/shapes.py
     python bench.py config/shapes.py --dtype=float32 --batch_size=64 --compile=True
     python bench.py config/shapes_smollm2.py
+    python bench.py config/llava_align.py --plan    # the memory plan: will it fit, on 1, 4 or 8 GPUs of 24/40/80 GB?
 
 Warm-up steps, then the median of bench_iters timed steps. Prints text tokens/s, samples/s,
 MFU (FLOPs counted from the model config against peak_flops, a known GPU's bf16 peak, or a warm matmul
 peak measured here), peak memory (CUDA allocator, or the process's peak RSS on CPU) and the attention kernels
 the step ran (flash, cuDNN, efficient, math: read from the profiler, forward calls per step).
+
+--plan times nothing and needs neither data nor weights: per-GPU bytes of weights, gradients, optimizer state and
+activations under DDP and FSDP (fsdp=True) on 1, 4 and 8 GPUs, which of 24, 40 and 80 GB cards each fits, and the
+largest batch that fits (memory_plan.py).
 """
 import functools
 import resource
@@ -30,8 +35,15 @@ from runtime import autocast_context, pick_device, pick_dtype, seed_everything
 globals().update(script_defaults('train_vlm.py'))  # the same keys and defaults as training
 bench_iters = 20
 bench_warmup = 5
+plan = False  # print the memory plan (memory_plan.py) instead of timing a step
 config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
+
+if plan:
+    import memory_plan
+    name = ' '.join(a for a in sys.argv[1:] if not a.startswith('--')) or "train_vlm.py's defaults"
+    print(memory_plan.table(name, memory_plan.plan(config), config))
+    sys.exit()
 
 if init_from == 'resume':
     raise SystemExit("config error: bench.py times a run's model from its start; give init_from 'scratch' or an "
@@ -43,7 +55,7 @@ dtype = config['dtype'] = pick_dtype(dtype, device_type)
 amp = functools.partial(autocast_context, device_type, dtype)
 train_set = VLMDataset(data_dir, 'train', max_samples)
 spec = ModelSpec.from_config(config)
-spec.check(device_type, config)
+spec.check(device_type, dict(config, fsdp=False))  # one process, unsharded: --plan says what fsdp saves
 model, tok, model_cfg, _ = build_model(spec, device, train_set.texts(), trust_remote_code=trust_remote_code)
 n_img = model.num_image_tokens
 lr_scales = {part: lr / learning_rate for part, lr in

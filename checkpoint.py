@@ -103,6 +103,8 @@ class ModelSpec:
             _refuse(f"attention='flex' trains on CUDA only (FlexAttention has no backward on {device_type} in "
                     f"torch {torch.__version__}); use attention='sdpa'")
         check_optimizer(c.get('optimizer', 'adamw'), device_type)
+        if c.get('fsdp'):
+            self._check_fsdp(c)
         if self.hf_vlm:
             return self._check_hf_vlm(c)
         if self.connector not in CONNECTORS:
@@ -149,6 +151,29 @@ class ModelSpec:
         if c.get('pack_samples') and self.connector == 'bridge':
             _refuse("pack_samples=True needs image tokens in the sequence, which connector='bridge' has not; leave "
                     "pack_samples=False")
+
+    def _check_fsdp(self, c):
+        """fsdp=True (sharding.py): FSDP2 over torchrun's processes, on glimpse's own VLM."""
+        if 'WORLD_SIZE' not in os.environ:
+            _refuse("fsdp=True shards over torchrun's processes: torchrun --standalone --nproc_per_node=N "
+                    "train_vlm.py ... (N=1 on one GPU), or leave fsdp=False")
+        if self.hf_vlm:
+            _refuse("fsdp=True shards glimpse's own VLM (its vision and decoder blocks); train a whole hf_vlm with "
+                    "fsdp=False")
+        if 'qlora' in (self.vision_mode, self.llm_mode):
+            _refuse("fsdp=True cannot shard QLoRA's 4-bit base: fully_shard splits bitsandbytes' packed Params4bit "
+                    "bytes from their quantisation state; use --llm_mode=lora with fsdp, or qlora with fsdp=False "
+                    "(a 4-bit base is small: python bench.py CONFIG --plan)")
+        if self.dtype == 'float16':
+            _refuse("fsdp=True trains in bfloat16 or float32: fp16's loss scaler finds inf gradients per shard, "
+                    "so ranks could disagree on skipping a step; use --dtype=bfloat16")
+        if c.get('optimizer', 'adamw') != 'adamw':
+            _refuse(f"fsdp=True trains with --optimizer=adamw: Muon orthogonalises whole matrices, not shards, and "
+                    f"bitsandbytes' optimizers take no sharded parameters; not --optimizer={c['optimizer']}")
+        run = run_checkpoint(c.get('out_dir', '')) if self.init_from == 'resume' else None
+        if run is not None and 'optimizer' in run:
+            _refuse(f"init_from='resume' with fsdp=True: {c['out_dir']}/ckpt.pt was written without fsdp (a whole "
+                    f"optimizer state, not shards); resume it with fsdp=False")
 
     def _check_pixel_shuffle(self, grid, tower):
         """pixel_shuffle folds s x s patches into one token: the side of the patch grid must be a multiple of s."""

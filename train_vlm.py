@@ -29,6 +29,8 @@ from optim import lr_at, make_optimizer, optimizer_step, set_lr
 from perf import Throughput, batch_counts, lora_param_counts
 from runtime import (MetricsLogger, checkpoint_due, finish_distributed, precision, rng_states_of_all_ranks,
                      set_rng_state, setup_training)
+from sharding import (full_weights, load_full_weights, load_sharded, remove_stale_shards, reshard, save_sharded,
+                      shard_model, unshard)
 from word_align import word_align
 
 # -----------------------------------------------------------------------------
@@ -136,6 +138,8 @@ compile = False
 seed = 1337
 ddp_timeout_minutes = 120.0  # torchrun: how long a rank waits for the others in a collective (rank 0 alone
                              # evaluates, checkpoints and tests) before the process group gives up
+fsdp = False  # torchrun: shard weights, gradients and optimizer state over the processes (FSDP2, sharding.py)
+              # instead of DDP's whole copy on each; `python bench.py CONFIG --plan` says when a recipe needs it
 config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
@@ -165,17 +169,31 @@ if master:
           f'vocab {tok.vocab_size}; '
           f'train {len(train_set)}, val {len(val_set)}; device {device}, dtype {dtype}, world {world_size}')
 
-# optimizer, and what a checkpoint carries besides the weights: where training stands, the data order, the RNGs
-lr_scales = {part: lr / learning_rate for part, lr in
-             (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
-optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales,
-                           dtype)
+# what a checkpoint carries besides the weights: where training stands, the data order, the RNGs
 iter_num, best_val, evals_since_best = 0, float('inf'), 0  # evals_since_best: for early stopping
 train_time = 0.0  # seconds in training steps, not evaluation
 data_state = {'epoch': 0, 'cursor': 0}  # the data order after the last step (data.DataOrder.state)
 resume_rng = None  # every rank's generators when the checkpoint was written, restored once start-up is done
+
+# a fresh run's word pre-alignment of the connector (resumed and continued runs have theirs), on each process's
+# whole model; then, with fsdp, the model sharded in place, before the optimizer takes its (sharded) parameters
+if word_align_iters and not ckpt:
+    train_time += word_align(raw_model, tok, train_set, word_align_iters, word_align_batch, word_align_lr, device,
+                             amp, seed, print if master else lambda *a: None)
+if fsdp:
+    n_blocks = shard_model(raw_model, device_type, dtype)
+    if master:
+        print(f'fsdp: {n_blocks} blocks and the root sharded over {world_size} process' + 'es' * (world_size > 1) +
+              (' (bf16 weights in compute, fp32 gradient reduction)' if dtype == 'bfloat16' else ''))
+lr_scales = {part: lr / learning_rate for part, lr in
+             (('vision_tower', vision_lr), ('connector', connector_lr), ('llm', llm_lr)) if lr}
+optimizer = make_optimizer(model, learning_rate, weight_decay, (beta1, beta2), device_type, optimizer, lr_scales,
+                           dtype)
 if ckpt:
-    optimizer.load_state_dict(ckpt['optimizer'])
+    if 'sharded' in ckpt:  # a fsdp run's: model and optimizer shards, at any world size, sharded or not
+        load_sharded(raw_model, optimizer, os.path.join(out_dir, ckpt['sharded']), trained_only=bool(base))
+    else:
+        optimizer.load_state_dict(ckpt['optimizer'])
     scaler.load_state_dict(ckpt.get('scaler', {}))  # fp16's loss scale (older checkpoints have none)
     iter_num, best_val, evals_since_best = ckpt['iter_num'], ckpt['best_val_loss'], ckpt['evals_since_best']
     data_state, train_time, resume_rng = ckpt['data_order'], ckpt['train_time'], ckpt['rng']
@@ -183,13 +201,10 @@ evaluated = iter_num if ckpt else -1  # a checkpoint is written just after an ev
 saved_at = train_time  # training seconds at the last checkpoint (checkpoint_minutes)
 ckpt = None
 
-# a fresh run's word pre-alignment of the connector (resumed and continued runs have theirs); compile; DDP
-if word_align_iters and iter_num == 0:
-    train_time += word_align(raw_model, tok, train_set, word_align_iters, word_align_batch, word_align_lr, device,
-                             amp, seed, print if master else lambda *a: None)
+# compile; DDP (a fsdp run's model is sharded already)
 if compile:
     model = torch.compile(model)
-if ddp:
+if ddp and not fsdp:
     model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None)
 
 # logs: metrics.jsonl (+ wandb, TensorBoard), and the rates of the steps since the last log line
@@ -215,15 +230,18 @@ def evaluate():
                   'perplexity': math.exp(loss), 'accuracy': acc, **captions}, line
 
 
-def save(path, rngs):
+def save(path, rngs, weights=None, sharded=None):
     """The run as it stands, to resume from. A run that trains only some parts saves those, and how to rebuild
-    (and check) its base."""
-    save_checkpoint({'model': trained_state_dict(raw_model) if base else raw_state_dict(model),
-                     **({'base': base} if base else {}),
-                     'optimizer': optimizer.state_dict(), 'scaler': scaler.state_dict(),
+    (and check) its base. With fsdp, weights: the consolidated weights (sharding.full_weights); sharded: the
+    directory of the model and optimizer shards that resume loads (sharding.save_sharded; best.pt names none)."""
+    resume = {'sharded': sharded} if sharded else {} if fsdp else {'optimizer': optimizer.state_dict()}
+    save_checkpoint({'model': weights if fsdp else trained_state_dict(raw_model) if base else raw_state_dict(model),
+                     **({'base': base} if base else {}), **resume, 'scaler': scaler.state_dict(),
                      'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(), 'config': config,
                      'iter_num': iter_num, 'best_val_loss': best_val, 'evals_since_best': evals_since_best,
                      'data_order': data_state, 'train_time': train_time, 'rng': rngs}, path)
+    if sharded:
+        remove_stale_shards(out_dir, keep=sharded)
 
 
 # -----------------------------------------------------------------------------
@@ -240,6 +258,7 @@ say = tqdm.write  # prints above the bar
 curves = None  # out_dir/training_curves.png once drawn (needs matplotlib)
 stats = Counter()  # samples cut at max_seq_len since the start
 t_window = 0.0  # seconds of training steps since the last log line
+weights = sharded = None  # fsdp: the checkpoint's consolidated weights (rank 0) and its shards' directory
 while True:
     lr = lr_at(iter_num, learning_rate, min_lr, warmup_iters, max_iters)
     set_lr(optimizer, lr)
@@ -252,13 +271,19 @@ while True:
         checkpoint_due(train_time - saved_at, checkpoint_minutes, master, ddp, device)
     if evaluating or timed:
         rngs = rng_states_of_all_ranks(ddp, world_size)  # every rank's generators (evaluation draws from none)
+    if fsdp and (timed or evaluating and iter_num > 0):  # every rank: its shards to disk, the whole weights to rank 0
+        sharded = save_sharded(raw_model, optimizer, out_dir, iter_num, trained_only=bool(base))
+        weights = full_weights(raw_model, trained_only=bool(base))
     if timed:
         if master:
-            save(os.path.join(out_dir, 'ckpt.pt'), rngs)
+            save(os.path.join(out_dir, 'ckpt.pt'), rngs, weights, sharded)
             say(f'saved {out_dir}/ckpt.pt ({checkpoint_minutes:g} min of training since the last checkpoint)')
         saved_at = train_time
-    if evaluating and master:
+    if evaluating and fsdp:  # every rank gathers the whole model and evaluates it: the same forwards on each keep
+        unshard(raw_model)   # FSDP's record of them (its backward prefetch order) alike; rank 0's figures count
+    if evaluating and (master or fsdp):
         loss, record, line = evaluate()
+    if evaluating and master:
         say(line)
         logger.log(record)
         throughput.remeasure_peak()
@@ -266,14 +291,16 @@ while True:
         improved = loss < best_val
         best_val, evals_since_best = min(best_val, loss), 0 if improved else evals_since_best + 1
         if iter_num > 0:
-            save(os.path.join(out_dir, 'ckpt.pt'), rngs)  # the latest state, to resume from
+            save(os.path.join(out_dir, 'ckpt.pt'), rngs, weights, sharded)  # the latest state, to resume from
             if improved:
-                save(os.path.join(out_dir, 'best.pt'), rngs)
+                save(os.path.join(out_dir, 'best.pt'), rngs, weights)
             say(f'saved {out_dir}/ckpt.pt' + (' and best.pt' if improved else ''))
             saved_at = train_time
         if early_stop_patience and evals_since_best >= early_stop_patience:
             say(f'early stop: val loss has not improved on {best_val:.4f} for {evals_since_best} evals')
             stop = True
+    if evaluating and fsdp:
+        reshard(raw_model)
     if evaluating and ddp:  # rank 0 decides; every rank leaves the loop at the same iteration
         flag = torch.tensor(float(stop), device=device)
         torch.distributed.broadcast(flag, 0)
@@ -296,7 +323,9 @@ while True:
     loss_acc = torch.zeros((), device=device)
     for k, batch in enumerate(micro):
         sync = not ddp or k == grad_accum - 1
-        with (nullcontext() if sync else model.no_sync()):
+        if fsdp:  # FSDP2's no_sync: micro-steps before the last keep whole gradients, reduce-scattered at the last
+            raw_model.set_requires_gradient_sync(sync)
+        with (nullcontext() if sync or fsdp else model.no_sync()):
             with amp():
                 loss_sum = model(**batch)
             # DDP averages gradients over processes; multiplying by world_size turns that into a sum
@@ -324,17 +353,22 @@ while True:
 # -----------------------------------------------------------------------------
 # the end: weights.pt for sample.py, classify.py and export.py, and the held-out test
 bar.close()
+best = os.path.join(out_dir, 'best.pt')
+if fsdp:  # every rank: best.pt's weights (if any) into the shards, the whole model to rank 0's file and test
+    if os.path.exists(best):
+        load_full_weights(raw_model, load_checkpoint(best)['model'], trained_only=bool(base))
+    weights = full_weights(raw_model, trained_only=bool(base))
+    unshard(raw_model)  # rank 0 tests it alone: no backward follows
 if master:
     print(f'{iter_num} iterations, {train_time / 60:.1f} min of training')
     # weights.pt, weights only (no optimizer or data state), and the test are of one model: the best checkpoint's
     # (lowest val loss), read on the CPU and copied in; or the last step's. A LoRA run's holds what it trained and
     # its base, for sample.py, classify.py and export.py.
-    best = os.path.join(out_dir, 'best.pt')
-    if os.path.exists(best) and base:
+    if os.path.exists(best) and base and not fsdp:
         load_trained_state_dict(raw_model, load_checkpoint(best)['model'], best)
-    elif os.path.exists(best):
+    elif os.path.exists(best) and not fsdp:
         raw_model.load_state_dict(load_checkpoint(best)['model'])
-    save_checkpoint({'model': trained_state_dict(raw_model) if base else raw_model.state_dict(),
+    save_checkpoint({'model': weights if fsdp else trained_state_dict(raw_model) if base else raw_model.state_dict(),
                      'model_config': model_cfg.to_dict(), 'tokenizer': tok.state(), 'config': config,
                      **({'base': base} if base else {})}, os.path.join(out_dir, 'weights.pt'))
     tested = 'best.pt' if os.path.exists(best) else 'the last step'

@@ -23,3 +23,4 @@ eval_interval = 500
 eval_questions = 200
 test_at_end = False
 compile = True
+grad_checkpointing = True  # bench.py --plan: batch 32 of 1024-token rows needs ~124 GiB a GPU without it, ~23 with it
