@@ -205,8 +205,8 @@ class MetricsLogger:
 
     def plot(self, name='training_curves.png'):
         """The run so far as a picture next to metrics.jsonl: train and val loss, and held-out accuracy per
-        question type, against iteration. Needs matplotlib; without it (or with nothing to draw) returns None
-        and says nothing. Written to a temporary file and renamed: a half-drawn picture never replaces one."""
+        question type (and lmms-eval tasks' metrics, dashed), against iteration. Needs matplotlib; without it (or
+        with nothing to draw) returns None and says nothing. Written to a temporary file and renamed: a half-drawn picture never replaces one."""
         if not self.active or not os.path.exists(self.path):
             return None
         try:
@@ -219,7 +219,9 @@ class MetricsLogger:
             records = [json.loads(line) for line in f if line.strip()]
         train = [(r['iter'], r['loss']) for r in records if 'loss' in r]
         val = [(r['iter'], r['val_loss']) for r in records if 'val_loss' in r]
-        acc = [(r['iter'], r['accuracy']) for r in records if r.get('accuracy')]
+        acc = [(r['iter'], {**r.get('accuracy', {}), **{k: v for k, v in r.get('benchmarks', {}).items()
+                                                         if isinstance(v, (int, float))}})
+               for r in records if r.get('accuracy') or r.get('benchmarks')]
         if not train and not val:
             return None
         fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
@@ -230,7 +232,8 @@ class MetricsLogger:
         ax_loss.legend()
         for kind in sorted({k for _, a in acc for k in a}):
             points = [(i, a[kind]) for i, a in acc if kind in a]
-            ax_acc.plot(*zip(*points), label=kind, marker='o', linewidth=2.5 if kind == 'all' else 1)
+            ax_acc.plot(*zip(*points), label=kind, marker='o', linewidth=2.5 if kind == 'all' else 1,
+                        linestyle='--' if '/' in kind else '-')  # dashed: an lmms-eval task's metric
         ax_acc.set(xlabel='iteration', ylabel='held-out accuracy', ylim=(0, 1))
         if acc:
             ax_acc.legend()

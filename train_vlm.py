@@ -19,6 +19,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from benchmarks import require_lmms_eval, run_tasks
 from checkpoint import (ModelSpec, build_model, load_checkpoint, load_trained_state_dict, raw_state_dict,
                         save_checkpoint, trained_state_dict)
 from configurator import apply_config
@@ -121,6 +122,8 @@ val_batches = 8
 test_at_end = True  # answer the test-split questions when training ends
 test_questions = 0  # how many of them (0 = all)
 eval_captions = 0  # val images captioned at each eval and scored with BLEU-4 and CIDEr-D (caption datasets)
+eval_tasks = ''  # lmms-eval tasks also run at each eval ('shapes_pope,shapes_mmstar', 'pope'; benchmarks.py, eval.py)
+eval_limit = 0  # questions of each eval task (0 = all)
 early_stop_patience = 0  # stop after this many evals without a lower val loss (0 = never stop early)
 checkpoint_minutes = 30.0  # also write ckpt.pt once this much training has passed since the last one (0 = at evals only)
 log_interval = 10
@@ -149,6 +152,8 @@ ddp, rank, local_rank, world_size, device, dtype = setup_training(device, dtype,
 master, device_type = rank == 0, device.split(':')[0]
 spec = ModelSpec.from_config(config)  # the keys that decide the model (dtype now resolved)
 spec.check(device_type, config)
+if eval_tasks:
+    require_lmms_eval()  # a one-line error naming the install command, before anything loads
 amp, scaler = precision(device_type, dtype)  # autocast (none in fp32), and loss scaling in fp16
 
 # data
@@ -283,6 +288,13 @@ while True:
         unshard(raw_model)   # FSDP's record of them (its backward prefetch order) alike; rank 0's figures count
     if evaluating and (master or fsdp):
         loss, record, line = evaluate()
+    if evaluating and eval_tasks:  # every rank: the tasks' questions are split over the ranks
+        scores = run_tasks(raw_model, tok, eval_tasks, eval_limit, data_dir=data_dir, batch_size=batch_size,
+                           image_size=train_set.meta.get('image_size'), amp=amp)
+        if master:
+            record['benchmarks'] = {f'{t}/{k}': v for t, m in scores.items() for k, v in m.items()
+                                    if isinstance(v, (int, float))}
+            line += ''.join(f', {k} {v:.3f}' for k, v in record['benchmarks'].items())
     if evaluating and master:
         say(line)
         logger.log(record)
