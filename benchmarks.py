@@ -60,7 +60,8 @@ class GlimpseLMM:
         super().__init__()  # lmms: rank 0 of 1, task_dict
         self.model, self.tok, self.batch_size, self.amp, self.progress = model, tokenizer, batch_size, amp, progress
         self.hf = isinstance(tokenizer, HFProcessor)
-        self.image_size = None if self.hf else image_size or model.cfg.vision.image_size
+        # a model that splits images (tiling.py) takes them as they are, as a Hugging Face VLM's processor does
+        self.image_size = None if self.hf or getattr(model, 'tiler', None) is not None else image_size or model.cfg.vision.image_size
         self.device = next(model.parameters()).device
         self.skipped = 0
         if dist.is_initialized():  # lmms-eval splits the requests over the ranks (distributed_executor_backend)
@@ -75,7 +76,7 @@ class GlimpseLMM:
         return image_pixels(visuals[0], self.image_size)
 
     def answer(self, images, prompts, max_new_tokens, **sampling):
-        pixels = images if self.hf else np.stack(images)  # (B, S, S, 3)
+        pixels = images if self.hf or self.image_size is None else np.stack(images)  # (B, S, S, 3)
         with self.amp():
             return self.model.chat(self.tok, pixels, prompts, max_new_tokens, **sampling)
 
@@ -123,24 +124,27 @@ class GlimpseLMM:
                 doc = self.task_dict[task][split][doc_id]
                 continuation = (target if isinstance(target, str) else str(target(doc))).strip()
                 turns = [{'role': 'user', 'content': '<image>\n' + context}]
-                prompt, _ = self.tok.encode_chat(turns, n_img, add_generation_prompt=True)
-                ids, sup = self.tok.encode_chat(turns + [{'role': 'assistant', 'content': continuation}], n_img)
+                image = self.image(r)
+                if image is None:
+                    raise GlimpseError('eval error: a loglikelihood request without exactly one image; glimpse '
+                                       'models take one image per question here')
+                pixels, grids = self.model.image_inputs([image])  # tiles, when the model splits images
+                prompt, _ = self.tok.encode_chat(turns, n_img, add_generation_prompt=True, grids=grids)
+                ids, sup = self.tok.encode_chat(turns + [{'role': 'assistant', 'content': continuation}], n_img,
+                                                grids=grids)
                 if ids[:len(prompt)] != prompt:
                     raise ValueError('the chat template does not extend the generation prompt with the answer')
                 cont = [t for t, m in zip(ids[len(prompt):], sup[len(prompt):]) if m][:-1]  # not the end of turn
                 seqs.append(prompt + cont)
                 starts.append(len(prompt))
-                images.append(self.image(r))
-            if any(im is None for im in images):
-                raise GlimpseError('eval error: a loglikelihood request without exactly one image; glimpse models '
-                                   'take one image per question')
+                images.append(pixels)
             T = max(map(len, seqs))
             ids = torch.full((len(seqs), T), self.tok.pad_id, dtype=torch.long)
             mask = torch.zeros((len(seqs), T), dtype=torch.bool)
             for k, q in enumerate(seqs):  # right-padded: every row has the positions it would have alone
                 ids[k, :len(q)], mask[k, :len(q)] = torch.tensor(q), True
             with self.amp():
-                logits = self.model(ids.to(self.device), torch.from_numpy(np.stack(images)).to(self.device),
+                logits = self.model(ids.to(self.device), torch.cat(images).to(self.device),
                                     mask.to(self.device))
             logp = logits.float().log_softmax(-1).cpu()  # (B, T, V)
             for k, (q, a) in enumerate(zip(seqs, starts)):

@@ -28,6 +28,7 @@ from pretrained import (HFCausalLM, HFVLM, blocks_kept, hf_tokenizer_from_files,
                         load_pretrained_vision, pretrained_vision_config)
 from tokenizer import IMAGE_LAYOUTS, Tokenizer, label_texts
 from runtime import seed_everything
+from tiling import MAX_GRID, max_grid
 
 MODES = ('frozen', 'full', 'lora', 'qlora')  # what a part does in training: per part, vision_mode and llm_mode
 
@@ -62,6 +63,8 @@ class ModelSpec:
     image_layout: str = 'plain'
     system_prompt: str = None  # a pretrained LLM's chat: the system turn of every conversation (tokenizer.HFTokenizer)
     image_token_labels: tuple = ()  # words written before each image token (tokenizer.label_ids)
+    image_splitting: bool = False  # tiles of image_size plus a global view (tiling.py)
+    max_image_size: int = 0  # with image_splitting: every image's longest edge is resized to this first
     # what trains
     vision_mode: str = 'full'
     llm_mode: str = 'full'
@@ -105,6 +108,9 @@ class ModelSpec:
         check_optimizer(c.get('optimizer', 'adamw'), device_type)
         if c.get('fsdp'):
             self._check_fsdp(c)
+        if self.image_splitting and self.hf_vlm:
+            _refuse(f"image_splitting=True is glimpse's own (tiling.py); {self.hf_vlm}'s processor splits images as "
+                    f"its config says: leave image_splitting=False")
         if self.hf_vlm:
             return self._check_hf_vlm(c)
         if self.connector not in CONNECTORS:
@@ -133,7 +139,14 @@ class ModelSpec:
                         f"'scratch' or 'resume'")
             made = earlier['model_config']
             kind, factor, tower = made['connector']['kind'], made['connector']['scale_factor'], ViTConfig(**made['vision'])
+            split = self.max_image_size if self.image_splitting else 0
+            if made.get('max_image_size', 0) != split:
+                _refuse(f"--init_from={self.init_from} was trained with max_image_size={made.get('max_image_size', 0)} "
+                        f"(0: no image splitting), its vocabulary and token layout with it; give "
+                        f"image_splitting={bool(made.get('max_image_size'))} and that max_image_size")
         grid = tower.image_size // tower.patch_size
+        if self.image_splitting:
+            self._check_splitting(kind, factor, tower, grid, c)
         if self.image_token_labels and kind != 'bridge':
             n = grid * grid // factor ** 2 if kind.startswith('pixel_shuffle') else \
                 grid * grid + int(tower.cls_token and tower.keep_cls)
@@ -151,6 +164,28 @@ class ModelSpec:
         if c.get('pack_samples') and self.connector == 'bridge':
             _refuse("pack_samples=True needs image tokens in the sequence, which connector='bridge' has not; leave "
                     "pack_samples=False")
+
+    def _check_splitting(self, kind, factor, tower, grid, c):
+        """image_splitting=True: tiles of the tower's image_size plus a global view, in Idefics3's token layout."""
+        if kind == 'bridge':
+            _refuse("image_splitting=True writes each tile's image tokens into the text; connector='bridge' has "
+                    "none (its text attends to one image): use connector='pixel_shuffle' or 'mlp', or no splitting")
+        if self.image_layout != 'idefics3':
+            _refuse(f"image_splitting=True writes SmolVLM's tile markers (<row_1_col_1>...) and image markers; "
+                    f"train with image_layout='idefics3', not {self.image_layout!r}")
+        if self.image_token_labels:
+            _refuse('image_splitting=True marks tiles with <row_i_col_j>, not words; leave image_token_labels=()')
+        if not tower.image_size < self.max_image_size <= MAX_GRID * tower.image_size:
+            _refuse(f'image_splitting=True: max_image_size={self.max_image_size} must be above the tower\'s '
+                    f'image_size={tower.image_size} (else no image splits) and at most {MAX_GRID} x {tower.image_size}'
+                    f' (Idefics3\'s tile markers stop at <row_{MAX_GRID}_col_{MAX_GRID}>)')
+        n = grid * grid // factor ** 2 if kind.startswith('pixel_shuffle') else grid * grid + int(tower.cls_token and tower.keep_cls)
+        g = max_grid(tower.image_size, self.max_image_size)
+        longest = (g * g + 1) * (n + 2) + g + 1  # tiles, the global view, their markers and newlines
+        if longest >= c.get('max_seq_len', float('inf')):
+            _refuse(f"image_splitting=True: an image split {g}x{g} takes {longest} tokens ({g * g + 1} views of {n} "
+                    f"image tokens and their markers), max_seq_len={c['max_seq_len']} none for text; raise "
+                    f"max_seq_len or lower max_image_size")
 
     def _check_fsdp(self, c):
         """fsdp=True (sharding.py): FSDP2 over torchrun's processes, on glimpse's own VLM."""
@@ -275,14 +310,14 @@ def tokenizer_from_state(s):
     """A tokenizer from the state() a checkpoint stored: glimpse's word or byte tokenizer, or a pretrained LLM's
     own (its files). A whole Hugging Face VLM's processor comes back with its model (load_run)."""
     if s['kind'] == 'hf':
-        tok = hf_tokenizer_from_files(s['files'], s.get('image_layout', 'plain'))
+        tok = hf_tokenizer_from_files(s['files'], s.get('image_layout', 'plain'), s.get('tile_markers', False))
         tok.system_prompt = s.get('system_prompt')
         tok.image_token_labels = tuple(s.get('image_token_labels', ()))
         return tok
     if s['kind'] == 'hf_processor':
         raise GlimpseError(f"checkpoint error: this run fine-tuned {s['source']}, whose processor comes with the "
                            f"model: load the run with checkpoint.load_run")
-    tok = Tokenizer(s['kind'], s['words'], s.get('image_layout', 'plain'))
+    tok = Tokenizer(s['kind'], s['words'], s.get('image_layout', 'plain'), s.get('tile_markers', False))
     tok.image_token_labels = tuple(s.get('image_token_labels', ()))
     return tok
 
@@ -338,13 +373,13 @@ def check_fingerprint(expected, got, source):
 # -----------------------------------------------------------------------------
 # the parts: an LLM and a vision tower, pretrained or from an earlier run
 
-def load_llm(source, image_layout='plain'):
+def load_llm(source, image_layout='plain', tile_markers=False):
     """(tokenizer, LLM module) of train_vlm.py's llm= other than 'scratch': the out_dir of a train_vlm.py run
     (its language model as trained, adapters merged, and its tokenizer), or a pretrained LLM (a Hugging
     Face directory or cache id, or a .gguf file: pretrained.load_pretrained_llm), its tokenizer writing
     images in image_layout."""
     if not os.path.isfile(os.path.join(source, 'ckpt.pt')):
-        return load_pretrained_llm(source, image_layout)
+        return load_pretrained_llm(source, image_layout, tile_markers)
     model, tok = load_run(source)
     if isinstance(model, HFVLM):
         raise GlimpseError(f'llm error: {source} fine-tuned a whole Hugging Face VLM; llm= takes a run of glimpse\'s '
@@ -352,6 +387,10 @@ def load_llm(source, image_layout='plain'):
     if tok.image_layout != image_layout:
         raise GlimpseError(f'config error: llm={source} writes images in the {tok.image_layout!r} layout; give '
                            f'--image_layout={tok.image_layout}')
+    if tok.tile_markers != tile_markers:
+        raise GlimpseError(f'config error: llm={source} was trained with image_splitting={tok.tile_markers}, so its '
+                           f'vocabulary {"has" if tok.tile_markers else "lacks"} the tile markers; give '
+                           f'--image_splitting={tok.tile_markers}')
     return tok, merge_lora(model, dequantize=True).llm
 
 
@@ -403,7 +442,7 @@ def vlm_config(spec, tok, llm=None, vision=None):
         connector=ConnectorConfig(kind=spec.connector, in_dim=vision.n_embd, out_dim=llm_cfg.n_embd,
                                   scale_factor=spec.pixel_shuffle_factor, n_head=spec.bridge_heads,
                                   out_norm=spec.connector_norm),
-        llm=llm_cfg, image_token_id=tok.image_token_id,
+        llm=llm_cfg, image_token_id=tok.image_token_id, max_image_size=spec.max_image_size if spec.image_splitting else 0,
         hf_llm=llm.model.config.to_dict() if isinstance(llm, HFCausalLM) else None)
 
 
@@ -454,7 +493,7 @@ def base_model(model_cfg, spec, init_from, seed, pretrained=None):
     if init_from not in ('scratch', 'resume'):
         return merge_lora(load_run(init_from)[0], dequantize=True)
     if pretrained is None:
-        pretrained = (load_llm(spec.llm, spec.image_layout)[1] if spec.llm != 'scratch' else None,
+        pretrained = (load_llm(spec.llm, spec.image_layout, spec.image_splitting)[1] if spec.llm != 'scratch' else None,
                       load_vision(spec.vision, spec.vision_layer, spec.vision_cls)[1] if spec.vision != 'scratch' else None)
     llm, vision = pretrained
     seed_everything(seed)  # after loading, which may draw random numbers: the same init on every rebuild
@@ -526,8 +565,8 @@ def build_model(spec, device, texts=(), ckpt=None, source='checkpoint', trust_re
         raise GlimpseError('config error: init_from=resume needs the checkpoint of the run to resume')
     else:
         texts = itertools.chain(texts, label_texts(spec.image_token_labels))  # a word vocabulary holds the labels
-        tok, llm = (Tokenizer.build(spec.tokenizer, texts, spec.image_layout), None) if spec.llm == 'scratch' else \
-            load_llm(spec.llm, spec.image_layout)
+        tok, llm = (Tokenizer.build(spec.tokenizer, texts, spec.image_layout, spec.image_splitting), None) \
+            if spec.llm == 'scratch' else load_llm(spec.llm, spec.image_layout, spec.image_splitting)
         vision = load_vision(spec.vision, spec.vision_layer, spec.vision_cls) if spec.vision != 'scratch' else None
         model_cfg = vlm_config(spec, tok, llm, vision[0] if vision else None)
         pretrained = (llm, vision[1] if vision else None)

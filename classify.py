@@ -128,14 +128,18 @@ class GlimpseModel:
     def __init__(self, model, tok, device, dtype='auto'):
         self.model, self.tok, self.device = model.eval(), tok, device
         self.dtype = pick_dtype(dtype, self.device.split(':')[0])
-        self.size = self.model.cfg.vision.image_size
+        # the square each image is fitted to: the tower's, or a model that splits images the longest edge it
+        # resizes to, so every image splits into the same tiles and one prompt fits them all
+        self.size = self.model.cfg.max_image_size or self.model.cfg.vision.image_size
 
     def amp(self):
         return autocast_context(self.device.split(':')[0], self.dtype)
 
     def pixels(self, images):
-        """-> (B, S, S, 3) uint8: each image fitted to the tower's square as sample.py fits it (data.image_pixels)."""
-        return torch.from_numpy(np.stack([image_pixels(im, self.size) for im in images])).to(self.device)
+        """-> (the tower's input on the device, the grids of one image): each image fitted to the square
+        (data.image_pixels), then as the model takes it (model.VLM.image_inputs: tiles when it splits)."""
+        x, grids = self.model.image_inputs([image_pixels(im, self.size) for im in images])
+        return x.to(self.device), grids and grids[:1]
 
     def turns(self, prompt, system=''):
         return ([{'role': 'system', 'content': system}] if system else []) + \
@@ -143,10 +147,12 @@ class GlimpseModel:
 
     @torch.no_grad()
     def generate(self, images, prompt, system='', max_new_tokens=16, generator=None, **sampling):
-        ids, _ = self.tok.encode_chat(self.turns(prompt, system), self.model.num_image_tokens, add_generation_prompt=True)
+        pixels, grids = self.pixels(images)
+        ids, _ = self.tok.encode_chat(self.turns(prompt, system), self.model.num_image_tokens, add_generation_prompt=True,
+                                      grids=grids)
         input_ids, mask = left_pad([ids] * len(images), self.tok.pad_id)
         with self.amp():
-            new = self.model.generate(input_ids.to(self.device), self.pixels(images), mask.to(self.device),
+            new = self.model.generate(input_ids.to(self.device), pixels, mask.to(self.device),
                                       max_new_tokens, self.tok.eot_id, generator=generator, **sampling)
         return [self.tok.decode(cut_at(row.tolist(), self.tok.eot_id)) for row in new.cpu()]
 
@@ -158,16 +164,17 @@ class GlimpseModel:
         by which is right (on the shapes test split: 47% with it, 59% without). The image and prompt run
         once per image, the answers together (model.VLM.score)."""
         n_img, turns = self.model.num_image_tokens, self.turns(prompt, system)
-        prompt_ids, _ = self.tok.encode_chat(turns, n_img, add_generation_prompt=True)
+        pixels, grids = self.pixels(images)
+        prompt_ids, _ = self.tok.encode_chat(turns, n_img, add_generation_prompt=True, grids=grids)
         conts = []
         for a in answers:
-            ids, sup = self.tok.encode_chat(turns + [{'role': 'assistant', 'content': a}], n_img)
+            ids, sup = self.tok.encode_chat(turns + [{'role': 'assistant', 'content': a}], n_img, grids=grids)
             if ids[:len(prompt_ids)] != prompt_ids:
                 raise ValueError('the chat template does not extend the generation prompt with the answer; '
                                  'score mode needs it to')
             conts.append([t for t, s in zip(ids[len(prompt_ids):], sup[len(prompt_ids):]) if s][:-1])  # not <|end|>
         with self.amp():
-            return self.model.score(prompt_ids, self.pixels(images), conts, self.tok.pad_id).cpu()
+            return self.model.score(prompt_ids, pixels, conts, self.tok.pad_id).cpu()
 
 
 class HFModel:

@@ -8,7 +8,8 @@ Every argument is either a config file (`config/shapes.py`, a Python file of
 assignments) or an override `--key=value` (or `--key value`; a bare `--flag` sets a
 boolean to True). Names in ALL_CAPS are constants, not config keys.
 Values are parsed with ast.literal_eval (a bare word stays a string) and must
-have the type of the default. An unknown key or a wrong type stops the script
+have the type of the default. A list key given bare words collects them, one per
+flag: `--image a.png --image b.png` is ['a.png', 'b.png']. An unknown key or a wrong type stops the script
 with one line naming the nearest valid key, before any work starts.
 
 The returned dict is the resolved config: scripts print it and save it in checkpoints.
@@ -54,7 +55,7 @@ def apply_config(argv, g):
     """Apply config files and --key=value overrides in argv to the dict g. Returns the config.
     Also accepted: `--key value`, and a bare `--flag` for a boolean key (meaning True)."""
     keys = _config_keys(g)
-    argv = list(argv)
+    argv, collected = list(argv), set()
     while argv:
         arg = argv.pop(0)
         if not arg.startswith('--'):
@@ -81,6 +82,10 @@ def apply_config(argv, g):
                 raw = argv.pop(0)
             else:
                 raise SystemExit(f"config error: --{k} needs a value, like --{k}={g[k]!r}")
+        if isinstance(g[k], list) and not raw.lstrip().startswith('['):  # --image a --image b: collected
+            g[k] = (g[k] if k in collected else []) + [raw]
+            collected.add(k)
+            continue
         value = raw if isinstance(g[k], str) else _parse(raw)  # --out_dir=1e3 stays a string
         g[k] = _check_type(k, value, g[k])
     return {k: g[k] for k in keys}

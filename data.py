@@ -7,7 +7,8 @@ glimpse's one on-disk format, read and written in one place, and the batches tra
     data/<name>/{train,val,test}.jsonl
                                  one sample a line: {"id", "image": its row, "turns": [{"role", "content"}],
                                  "captions": [...], "label": int or null, "qa": [{"q", "a", "type"}]};
-                                 the first user turn holds the placeholder "<image>"
+                                 the first user turn holds the placeholder "<image>"; a sample about several
+                                 images has the list of their rows, and one "<image>" per image in its turns
     data/<name>/meta.json        source, image size, class names, counts, what was skipped
     data/<name>/skipped.txt      every skipped image or row, with its path or line number
 
@@ -152,14 +153,18 @@ class DatasetWriter:
         self.counts, self.rows = dict.fromkeys(splits, 0), 0
 
     def add(self, split, record, image):
-        """record: the sample's fields (its 'id' first); 'image' is set to its row."""
-        if self.shard_format:
-            self.shards.append(image)
-        else:
-            self.images[self.rows] = image
-        self.files[split].write(json.dumps({'id': record['id'], 'image': self.rows,
+        """record: the sample's fields (its 'id' first); 'image' is set to its row. image: one image, or a list
+        of them (a sample about several images: 'image' is then the list of their rows, in order)."""
+        rows = []
+        for im in (image if isinstance(image, list) else [image]):
+            if self.shard_format:
+                self.shards.append(im)
+            else:
+                self.images[self.rows] = im
+            rows.append(self.rows)
+            self.rows += 1
+        self.files[split].write(json.dumps({'id': record['id'], 'image': rows if isinstance(image, list) else rows[0],
                                             **{k: v for k, v in record.items() if k != 'id'}}) + '\n')
-        self.rows += 1
         self.counts[split] += 1
 
     def close(self, skipped_lines=(), **meta):
@@ -335,22 +340,48 @@ def conversation(record, caption_prompt=CAPTION_PROMPT):
             {'role': 'assistant', 'content': record['captions'][0]}]
 
 
-def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
+def record_images(record):
+    """The rows of a record's images: its 'image' is one row, or a list of them (several images)."""
+    return record['image'] if isinstance(record['image'], list) else [record['image']]
+
+
+def sample_images(dataset, record, turns, tiler=None, bridge=False):
+    """A record's images as the tower takes them: (uint8 (n, h, w, 3), grids for encode_chat), n = its images,
+    or with a tiler (image splitting) their tiles and global views. One '<image>' per image in its turns, else a
+    one-line error naming the record."""
+    pics = [np.asarray(dataset.images[j]) for j in record_images(record)]
+    marks = sum(t['content'].count('<image>') for t in turns)
+    if marks != len(pics):
+        raise GlimpseError(f"data error: record {record.get('id')!r} has {len(pics)} image(s) but {marks} '<image>' "
+                           f"in its turns; write one '<image>' per image, in the order of its 'image' list")
+    if bridge and len(pics) > 1:
+        raise GlimpseError(f"data error: record {record.get('id')!r} has {len(pics)} images; connector='bridge' "
+                           f"attends to one image a sample: train several images with an image-token connector")
+    if tiler is None:
+        return torch.from_numpy(np.stack(pics)), None
+    return tiler.split(pics)
+
+
+def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False, grids=None):
     """Token ids, supervised flags, positions and segment ids of a conversation.
     isolate_turns=False: one causal conversation; every token is in segment 0.
     isolate_turns=True: each (user, assistant) pair becomes its own single-turn conversation about
     the image. They share one prefix, which ends with the image tokens (segment 0, computed once);
     pair k is segment k, sees only the prefix and itself, and has the positions it would have alone.
     So an answer can only come from the image, never from an earlier answer, exactly as at test time.
-    Leading system turns and the first turn's text up to its '<image>' are part of every pair (and so of
-    the shared prefix)."""
+    Leading system turns and the first turn's text up to its last '<image>' are part of every pair (and so of
+    the shared prefix); the images must all be there. grids: encode_chat's, for split images."""
     if not isolate_turns:
-        ids, sup = tokenizer.encode_chat(turns, num_image_tokens)
+        ids, sup = tokenizer.encode_chat(turns, num_image_tokens, grids=grids)
         return ids, sup, list(range(len(ids))), [0] * len(ids)
     n_sys = next((i for i, t in enumerate(turns) if t['role'] != 'system'), len(turns))
     head, turns = turns[:n_sys], turns[n_sys:]
     first = turns[0]['content'] if turns else ''
-    lead = first[:first.index('<image>') + len('<image>')] if '<image>' in first else ''
+    lead = first[:first.rindex('<image>') + len('<image>')] if '<image>' in first else ''
+    if any('<image>' in t['content'] for t in turns[1:]):
+        raise GlimpseError("data error: isolate_turns=True shares the images of the first user turn with every "
+                           "question; this conversation has an '<image>' in a later turn: train with "
+                           "isolate_turns=False")
     ids = sup = pos = seg = None
     for k in range(0, len(turns) - 1, 2):
         if (turns[k]['role'], turns[k + 1]['role']) != ('user', 'assistant'):
@@ -358,7 +389,8 @@ def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
                                f"system turns); turn {n_sys + k} is {turns[k]['role']!r}, the next "
                                f"{turns[k + 1]['role']!r}")
         q = first if k == 0 else (lead + '\n' if lead else '') + turns[k]['content']
-        one, one_sup = tokenizer.encode_chat(head + [{'role': 'user', 'content': q}, turns[k + 1]], num_image_tokens)
+        one, one_sup = tokenizer.encode_chat(head + [{'role': 'user', 'content': q}, turns[k + 1]], num_image_tokens,
+                                             grids=grids)
         p = max((i + 1 for i, t in enumerate(one) if t == tokenizer.image_token_id), default=0)  # 0: bridge
         if ids is None:
             ids, sup, pos, seg = one[:p], one_sup[:p], list(range(p)), [0] * p
@@ -373,22 +405,22 @@ def pack_turns(tokenizer, turns, num_image_tokens, isolate_turns=False):
     return ids, sup, pos, seg
 
 
-def encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns=False):
+def encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns=False, grids=None):
     """(ids, targets, positions, segment_ids, truncated) for one conversation. Too long: whole trailing
     turn pairs are dropped; if the first pair alone is still too long, its tail is cut (the image is
     always kept whole; max_seq_len below the image tokens is a config error). targets[t] is the next
     token where that token is supervised, else IGNORE_INDEX. truncated is 0 when nothing was cut."""
     truncated, n_sys = 0, next((i for i, t in enumerate(turns) if t['role'] != 'system'), len(turns))
     while True:
-        ids, sup, pos, seg = pack_turns(tokenizer, turns, num_image_tokens, isolate_turns)
+        ids, sup, pos, seg = pack_turns(tokenizer, turns, num_image_tokens, isolate_turns, grids)
         if len(ids) <= max_len or len(turns) - n_sys <= 2:
             break
         turns, truncated = turns[:-2], truncated + 2
     if len(ids) > max_len:
         image_end = max((i for i, t in enumerate(ids) if t == tokenizer.image_token_id), default=-1) + 1
         if image_end >= max_len:
-            raise GlimpseError(f'config error: max_seq_len={max_len} leaves no room after the {num_image_tokens} '
-                               f'image tokens; raise max_seq_len')
+            raise GlimpseError(f'config error: max_seq_len={max_len} leaves no room after the {image_end} tokens up '
+                               f'to the last image token; raise max_seq_len')
         ids, sup, pos, seg = ids[:max_len], sup[:max_len], pos[:max_len], seg[:max_len]
         truncated += 1
     targets = [t if s and sg == sg_prev else IGNORE_INDEX
@@ -412,24 +444,28 @@ def pack_rows(lengths, capacity):
 
 
 def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, isolate_turns=False, pack=False,
-            pad_to_max=False):
+            pad_to_max=False, tiler=None):
     """Right-padded batch: input_ids, targets (IGNORE_INDEX at padding), attention_mask, images,
     and positions and segment_ids when turns are isolated. stats['truncated'] counts the samples
     cut to fit max_len (none is dropped). pad_to_max: every batch max_len long and at least two rows long
     (attention='flex': compiled FlexAttention then takes every batch with one recompilation, for the rows).
     pack=True: whole samples share rows of up to max_len tokens (pack_rows), each with its own positions
     from 0 and sample_ids (1, 2, ... in its row; 0 at padding) so that no token attends across samples;
-    images holds one image per sample, in the order the samples stand in the rows."""
+    images holds each sample's images (a record may have several), in the order the samples stand in the rows;
+    with a tiler (tiling.Tiler: image splitting) their tiles and global views, so a sample's image token count
+    depends on its images' sizes. The tower takes all of them in one call (model.VLM.embed)."""
     if isinstance(tokenizer, HFProcessor):  # a whole Hugging Face VLM: its processor builds the batch
         return hf_collate(tokenizer, dataset, indices, max_len, stats)
-    seqs, rows = [], []
+    seqs, pixels = [], []
     for i in indices:
         r = dataset.records[i]
-        enc = encode_sample(tokenizer, conversation(r), num_image_tokens, max_len, isolate_turns)
+        turns = conversation(r)
+        x, grids = sample_images(dataset, r, turns, tiler, bridge=not num_image_tokens)
+        enc = encode_sample(tokenizer, turns, num_image_tokens, max_len, isolate_turns, grids)
         if stats is not None and enc[4]:
             stats['truncated'] += 1
         seqs.append(enc)
-        rows.append(r['image'])
+        pixels.append(x)
     layout = pack_rows([len(s[0]) for s in seqs], max_len) if pack else [[k] for k in range(len(seqs))]
     T = max_len if pad_to_max else max(sum(len(seqs[k][0]) for k in row) for row in layout)
     if pad_to_max and len(layout) == 1:  # dynamo specialises a dimension of size 1: a row of padding, no new graph
@@ -455,7 +491,7 @@ def collate(dataset, indices, tokenizer, num_image_tokens, max_len, stats=None, 
             del batch['positions']
     if not isolate_turns:
         del batch['segment_ids']
-    batch['images'] = torch.from_numpy(np.stack([dataset.images[rows[k]] for row in layout for k in row]))
+    batch['images'] = torch.cat([pixels[k] for row in layout for k in row])
     return batch
 
 

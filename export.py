@@ -71,8 +71,10 @@ def export_tokenizer(tok, end_token):
     from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     specials = [end_token if s == '<|end|>' else s for s in tok.specials]
+    extra = tok.itos[len(tok.specials) + (len(tok.words) if tok.kind == 'word' else 256):]  # tile markers (newlines)
     if tok.kind == 'word':
-        raw = RawTokenizer(models.WordLevel({s: i for i, s in enumerate(specials + tok.words)}, unk_token='<unk>'))
+        raw = RawTokenizer(models.WordLevel({s: i for i, s in enumerate(specials + tok.words + extra)},
+                                            unk_token='<unk>'))
         raw.normalizer = normalizers.Lowercase()
         # Tokenizer.WORD_RE: runs of letters and digits, or one other character; whitespace between them goes
         raw.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Split(
@@ -80,12 +82,13 @@ def export_tokenizer(tok, end_token):
         raw.decoder = decoders.WordPiece(prefix='##', cleanup=True)  # words joined by spaces, none before ". , ? !"
     else:  # bytes: the 256 byte symbols of the ByteLevel alphabet, byte b at id len(specials) + b, no merges
         byte_char = {b: c for b, c in zip(range(256), bytes_to_unicode())}
-        vocab = {**{s: i for i, s in enumerate(specials)}, **{byte_char[b]: len(specials) + b for b in range(256)}}
+        vocab = {**{s: i for i, s in enumerate(specials)}, **{byte_char[b]: len(specials) + b for b in range(256)},
+                 **{s: len(specials) + 256 + i for i, s in enumerate(extra)}}
         raw = RawTokenizer(models.BPE(vocab, []))
         raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
         raw.decoder = decoders.ByteLevel()
     hf = PreTrainedTokenizerFast(tokenizer_object=raw, bos_token='<bos>', eos_token=end_token, pad_token='<pad>',
-                                 unk_token='<unk>', additional_special_tokens=[s for s in specials if s not in (
+                                 unk_token='<unk>', additional_special_tokens=[s for s in specials + extra if s not in (
                                      '<bos>', end_token, '<pad>', '<unk>')])
     hf.chat_template = glimpse_chat_template(end_token)
     return hf
@@ -120,6 +123,10 @@ def target_of(cfg, tok):
             raise why('image_layout', "'plain': Idefics3 writes <fake_token_around_image><global-img> around the image "
                                       "tokens; train with --image_layout=idefics3 so the model saw that layout")
         return 'idefics3'
+    if cfg.max_image_size:
+        raise why('image_splitting', "LLaVA's processor shows one view of each image, and LLaVA-NeXT's AnyRes tiles by "
+                                     "other rules; glimpse splits images as Idefics3 does: train with "
+                                     "connector='pixel_shuffle_linear' and image_layout='idefics3'")
     if v.post_norm:
         raise why('vision_layer', "LLaVA reads a tower's hidden state before its final LayerNorm; train on a loaded "
                                   "tower with --vision_layer=-2 (or export connector='pixel_shuffle_linear' to Idefics3)")
@@ -155,13 +162,17 @@ def vision_export(v, tower_state):
     return family, config, state
 
 
-def image_processor_config(v, target):
-    """The Hugging Face image processor that prepares pixels as glimpse's VisionTower.pixels does."""
+def image_processor_config(v, target, max_image_size=0):
+    """The Hugging Face image processor that prepares pixels as glimpse's VisionTower.pixels does; with
+    max_image_size (image splitting), one that tiles as tiling.Tiler does (its rules are the processor's)."""
     resample = {'bicubic': 3, 'bilinear': 2}[v.resample]
     common = dict(do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(v.image_mean),
                   image_std=list(v.image_std), resample=resample, do_convert_rgb=True)
     if target == 'idefics3':
         from transformers import Idefics3ImageProcessor
+        if max_image_size:
+            return Idefics3ImageProcessor(do_resize=True, size={'longest_edge': max_image_size}, do_image_splitting=True,
+                                          max_image_size={'longest_edge': v.image_size}, do_pad=True, **common)
         return Idefics3ImageProcessor(do_resize=True, size={'longest_edge': v.image_size}, do_image_splitting=False,
                                       max_image_size={'longest_edge': v.image_size}, do_pad=True, **common)
     if v.resize_shortest:  # shorter side, then the centre crop (CLIP)
@@ -261,7 +272,7 @@ def export(src, dst, checkpoint='ckpt.pt', trust_remote_code=False):
         end = '<end_of_utterance>' if target == 'idefics3' and isinstance(tok, Tokenizer) else '<|end|>'
         hf_tok = export_tokenizer(tok, end)
         hf = build_hf_model(model, tok, target)
-        images = image_processor_config(model.cfg.vision, target)
+        images = image_processor_config(model.cfg.vision, target, model.cfg.max_image_size)
         if target == 'idefics3':
             processor = Idefics3Processor(image_processor=images, tokenizer=hf_tok, image_seq_len=model.num_image_tokens,
                                           chat_template=hf_tok.chat_template)

@@ -9,7 +9,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import torch
 
-from data import CAPTION_PROMPT, collate
+from data import CAPTION_PROMPT, collate, record_images
 from model import IGNORE_INDEX
 
 
@@ -24,7 +24,7 @@ def val_loss(model, dataset, tokenizer, max_len, batch_size, n_batches, device, 
         if not idx:
             break
         batch = collate(dataset, idx, tokenizer, model.num_image_tokens, max_len, isolate_turns=isolate_turns,
-                        pad_to_max=pad_to_max)
+                        pad_to_max=pad_to_max, tiler=getattr(model, 'tiler', None))
         batch = {k: v.to(device) for k, v in batch.items()}
         with amp():
             total += model(**batch).item()
@@ -79,14 +79,16 @@ def qa_accuracy(model, dataset, tokenizer, device, amp, max_questions=0, batch_s
     """Accuracy of greedy answers to the split's held-out questions, each asked alone with its image (see
     answer_is_right), given room for the longest expected answer. Returns {type: accuracy, ..., 'all':
     accuracy}, and the number asked."""
-    items = [(r['image'], x) for r in dataset.records for x in r.get('qa', [])]
+    items = [(record_images(r), x) for r in dataset.records for x in r.get('qa', [])]
     if max_questions:
         items = items[:max_questions]
     class_names = dataset.meta.get('class_names') or []
     right, seen = defaultdict(int), defaultdict(int)
     for s in range(0, len(items), batch_size):
         chunk = items[s:s + batch_size]
-        images = np.stack([dataset.images[i] for i, _ in chunk])
+        images = [[dataset.images[j] for j in rows] for rows, _ in chunk]  # each question's images
+        if all(len(rows) == 1 for rows, _ in chunk):
+            images = np.stack([im for ims in images for im in ims])
         longest = max(len(x['a'].split()) for _, x in chunk)  # words; 8 new tokens cover a one-word answer
         with amp():
             answers = model.chat(tokenizer, images, [x['q'] for _, x in chunk], max_new_tokens=max(8, 2 * longest + 4))

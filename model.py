@@ -1,5 +1,5 @@
 """
-Every native module of glimpse, in plain PyTorch (this file imports torch and nothing of glimpse):
+Every native module of glimpse, in plain PyTorch (this file imports torch, and of glimpse only tiling.py):
 
     VisionTower   a ViT: patch embedding, learned positions, pre-norm blocks; it also holds SigLIP, CLIP and
                   DINOv2 weights (pretrained.load_pretrained_vision maps them in)
@@ -9,7 +9,7 @@ Every native module of glimpse, in plain PyTorch (this file imports torch and no
                   generate() with a KV cache; score() of given answers. It is handed its language model
                   (a Decoder, or pretrained.HFCausalLM for any other causal LM); it builds a Decoder otherwise
 
-                 images (B, H, W, 3) uint8
+                 images (B, H, W, 3) uint8, or the tiles and global views of split images (tiling.py)
                           |
                     VisionTower            (B, N, Cv)
                           |
@@ -24,10 +24,13 @@ import math
 from contextlib import nullcontext
 from dataclasses import dataclass, field, asdict
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from tiling import Tiler
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 from torch.utils.checkpoint import checkpoint
 
@@ -514,11 +517,14 @@ class VLMConfig:
     # the config.to_dict() of a Hugging Face causal LM run through pretrained.HFCausalLM (handed to VLM as
     # its llm); None: the native Decoder (then llm describes it exactly; with HFCausalLM only its sizes)
     hf_llm: dict = None
+    # image splitting (tiling.py): each image resized to this longest edge, then cut into tiles of the tower's
+    # image_size plus a global view; 0: each image is one image_size view
+    max_image_size: int = 0
 
     @classmethod
     def from_dict(cls, d):
         return cls(ViTConfig(**d['vision']), ConnectorConfig(**d['connector']), DecoderConfig(**d['llm']),
-                   d['image_token_id'], d.get('hf_llm'))
+                   d['image_token_id'], d.get('hf_llm'), d.get('max_image_size', 0))
 
     def to_dict(self):
         return asdict(self)
@@ -597,6 +603,8 @@ class VLM(nn.Module):
                 embed_scale = self.llm.embed_tokens.weight.float().pow(2).mean(-1).sqrt().mean()
                 projector.norm.weight.fill_(embed_scale.item())
         self.bridge = cfg.connector.kind == 'bridge'  # image features enter by cross-attention, not as tokens
+        v = cfg.vision  # image splitting: what cuts each image into tiles (data.collate, image_inputs)
+        self.tiler = Tiler(v.image_size, cfg.max_image_size, v.resample) if cfg.max_image_size else None
         with torch.no_grad():
             self.num_image_tokens = 0 if self.bridge else self.connector(
                 torch.zeros(1, self.vision_tower.num_tokens, cfg.vision.n_embd)).shape[1]
@@ -605,6 +613,14 @@ class VLM(nn.Module):
         count = lambda m: sum(p.numel() for p in m.parameters())
         return {'vision_tower': count(self.vision_tower), 'connector': count(self.connector),
                 'llm': count(self.llm), 'total': count(self)}
+
+    def image_inputs(self, images):
+        """Images, each uint8 (H, W, 3) -> (the tower's input, uint8 (n, h, w, 3) on the CPU; grids for
+        encode_chat): with image splitting each image's tiles and global view (tiling.Tiler) and its (rows, cols);
+        else the images stacked as they are (the tower resizes them) and grids None."""
+        if self.tiler is None:
+            return torch.as_tensor(np.stack([np.asarray(torch.as_tensor(im).cpu()) for im in images])), None
+        return self.tiler.split(images)
 
     def image_embeddings(self, images):  # (B, H, W, 3) uint8 -> (B, N', C); the bridge: features (B, N, C_vision)
         # a frozen tower runs without autograd: no activations are kept for a backward that stops at the connector
@@ -696,17 +712,21 @@ class VLM(nn.Module):
 
     @torch.no_grad()
     def chat(self, tokenizer, images, prompts, max_new_tokens=32, **sampling):
-        """Answer one prompt per image: images (B, H, W, 3) uint8, prompts list of str -> list of str.
-        A prompt without '<image>' gets it prepended."""
+        """Answer each prompt about its images: images (B, H, W, 3) uint8 (one per prompt) or B lists of
+        uint8 (H, W, 3) images; prompts list of str -> list of str. A prompt without '<image>' gets one
+        '<image>\\n' per image prepended."""
         device = next(self.parameters()).device
-        seqs = []
-        for p in prompts:
-            p = p if '<image>' in p else '<image>\n' + p
+        seqs, pixels = [], []
+        for p, ims in zip(prompts, images):
+            ims = [ims] if getattr(ims, 'ndim', 0) == 3 else list(ims)
+            p = p if '<image>' in p else '<image>\n' * len(ims) + p
+            x, grids = self.image_inputs(ims)
             ids, _ = tokenizer.encode_chat([{'role': 'user', 'content': p}], self.num_image_tokens,
-                                           add_generation_prompt=True)
+                                           add_generation_prompt=True, grids=grids)
             seqs.append(ids)
+            pixels.append(x)
         input_ids, mask = left_pad(seqs, tokenizer.pad_id)
-        new = self.generate(input_ids.to(device), torch.as_tensor(images).to(device), mask.to(device),
+        new = self.generate(input_ids.to(device), torch.cat(pixels).to(device), mask.to(device),
                             max_new_tokens=max_new_tokens, eos_id=tokenizer.eot_id, **sampling)
         return [tokenizer.decode(cut_at(row.tolist(), tokenizer.eot_id)) for row in new.cpu()]
 
@@ -714,10 +734,12 @@ class VLM(nn.Module):
     def score(self, prompt_ids, images, answers, pad_id=0):
         """The mean log-probability of each answer's tokens after one prompt, for each image: prompt_ids a
         list of T ids (its <image> placeholders included), the same for every image; images (B, H, W, 3)
-        uint8; answers K non-empty lists of ids -> (B, K) float32. The image and prompt run once per image;
-        their KV cache is then copied to the K answers, which run together, right-padded."""
+        uint8, or B images' tiles one image after another (image_inputs; all of one grid, which prompt_ids
+        was encoded with); answers K non-empty lists of ids -> (B, K) float32. The image and prompt run once
+        per image; their KV cache is then copied to the K answers, which run together, right-padded."""
         device = self.llm.embed_tokens.weight.device
-        B, K, T, L = len(images), len(answers), len(prompt_ids), max(map(len, answers))
+        views = prompt_ids.count(self.cfg.image_token_id) // max(self.num_image_tokens, 1) or 1  # tower inputs a row
+        B, K, T, L = len(images) // views, len(answers), len(prompt_ids), max(map(len, answers))
         cont = torch.full((K, L), pad_id, dtype=torch.long)
         valid = torch.zeros((K, L), dtype=torch.bool)
         for k, a in enumerate(answers):

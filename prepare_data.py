@@ -54,8 +54,9 @@ QUESTION_TYPES = ('count', 'color', 'shape', 'position', 'exist')
 SUPERSAMPLE = 4  # draw at 4x and downsample, for anti-aliased edges
 
 
-def sample_scene(rng, image_size=64):
-    """A scene: a list of objects {shape, color, size, cell, cx, cy, r, angle} in pixels."""
+def sample_scene(rng, image_size=64, object_scale=1.0):
+    """A scene: a list of objects {shape, color, size, cell, cx, cy, r, angle} in pixels. object_scale shrinks
+    the objects within their cells (the fine-detail task: small objects on a large canvas)."""
     n = int(rng.integers(1, 4))
     cells = sorted(rng.choice(9, size=n, replace=False).tolist())  # reading order
     large = int(rng.integers(n))
@@ -63,7 +64,7 @@ def sample_scene(rng, image_size=64):
     objects = []
     for i, cell in enumerate(cells):
         size = 'large' if i == large else 'small'
-        r = cell_px * (0.40 if size == 'large' else 0.28) * rng.uniform(0.9, 1.1)  # radius
+        r = cell_px * (0.40 if size == 'large' else 0.28) * rng.uniform(0.9, 1.1) * object_scale  # radius
         slack = cell_px / 2 - r - 0.5  # keep the object inside its cell
         cx = (cell % 3 + 0.5) * cell_px + rng.uniform(-slack, slack)
         cy = (cell // 3 + 0.5) * cell_px + rng.uniform(-slack, slack)
@@ -153,7 +154,7 @@ def scene_questions(objects, rng):
 
 def pick_questions(qs, n, rng):
     """n questions, cycling over the types in a random order so each type gets its share."""
-    types = [t for t in QUESTION_TYPES if qs[t]]
+    types = [t for t in qs if qs[t]]
     rng.shuffle(types)
     pools = {t: [qs[t][i] for i in rng.permutation(len(qs[t]))] for t in types}
     out = []
@@ -166,10 +167,11 @@ def pick_questions(qs, n, rng):
 
 
 def shapes_sample(args):
-    """One image and its record. Seeded by (seed, split, index): deterministic and order-free."""
-    seed, split_id, index, image_size, n_questions = args
+    """One image and its record. Seeded by (seed, split, index): deterministic and order-free.
+    args: (seed, split_id, index, image_size, n_questions[, object_scale])."""
+    seed, split_id, index, image_size, n_questions, object_scale = (*args, 1.0)[:6]
     rng = np.random.default_rng([seed, split_id, index])
-    objects = sample_scene(rng, image_size)
+    objects = sample_scene(rng, image_size, object_scale)
     pixels = render_scene(objects, rng, image_size)
     qa = pick_questions(scene_questions(objects, rng), n_questions, rng)
     caption = scene_caption(objects)
@@ -188,19 +190,52 @@ def shapes_sample(args):
     return pixels, record
 
 
+PAIR_TYPES = ('more', 'same', 'color', 'count')  # --pairs: questions about two scenes
+
+
+def pair_sample(args):
+    """Two scenes and their record (--pairs): questions only both images answer ('which image has more
+    objects?', 'is the large shape the same in both images?') and questions about one of them, named by its
+    place ('what color is the large object in the second image?'). Half the pairs share the large shape."""
+    seed, split_id, index, image_size, n_questions, object_scale = args
+    rng = np.random.default_rng([seed, split_id, index, 2])
+    scenes = [sample_scene(rng, image_size, object_scale) for _ in range(2)]
+    large = [next(o for o in s if o['size'] == 'large') for s in scenes]
+    same = bool(rng.random() < 0.5)
+    others = [t for t in SHAPES if t != large[0]['shape']]
+    large[1]['shape'] = large[0]['shape'] if same else others[rng.integers(len(others))]
+    pixels = [render_scene(s, rng, image_size) for s in scenes]
+    n = [len(s) for s in scenes]
+    qs = {'more': [('which image has more objects?', 'the first' if n[0] > n[1] else 'the second' if n[1] > n[0]
+                    else 'neither')],
+          'same': [('is the large shape the same in both images?', 'yes' if same else 'no')],
+          'color': [(f'what color is the large object in the {w} image?', o['color'])
+                    for w, o in zip(('first', 'second'), large)],
+          'count': [(f'how many objects are in the {w} image?', NUMBERS[k]) for w, k in zip(('first', 'second'), n)]}
+    qa = pick_questions(qs, n_questions, rng)
+    turns = []
+    for x in qa:
+        turns += [{'role': 'user', 'content': x['q']}, {'role': 'assistant', 'content': x['a']}]
+    turns[0]['content'] = (IMAGE_TOKEN + '\n') * 2 + turns[0]['content']
+    return pixels, dict(turns=turns, label=None, qa=qa, objects=scenes)
+
+
 def prepare_shapes(a):
     splits = {'train': a.n_train, 'val': a.n_val, 'test': a.n_test}
-    writer = DatasetWriter(a.out_dir, a.image_size, sum(splits.values()), list(splits))
+    per = 2 if a.pairs else 1
+    writer = DatasetWriter(a.out_dir, a.image_size, per * sum(splits.values()), list(splits))
+    make = pair_sample if a.pairs else shapes_sample
     with Pool(a.workers) as pool:
         for split_id, (split, n) in enumerate(splits.items()):
             q = a.questions_train if split == 'train' else a.questions_eval
-            jobs = [(a.seed, split_id, i, a.image_size, q) for i in range(n)]
-            for i, (pixels, record) in enumerate(pool.imap(shapes_sample, jobs, chunksize=256)):
+            jobs = [(a.seed, split_id, i, a.image_size, q, a.object_scale) for i in range(n)]
+            for i, (pixels, record) in enumerate(pool.imap(make, jobs, chunksize=256)):
                 writer.add(split, {'id': f'{split}-{i:06d}', **record}, pixels)
             print(f'{split}: {n} images')
     meta = writer.close(source='shapes', image_size=a.image_size, class_names=list(SHAPES), colors=list(COLORS),
-                        label_meaning='shape of the large object', skipped={}, question_types=list(QUESTION_TYPES),
-                        seed=a.seed)
+                        label_meaning='shape of the large object', skipped={}, seed=a.seed,
+                        question_types=list(PAIR_TYPES if a.pairs else QUESTION_TYPES), object_scale=a.object_scale,
+                        images_per_sample=per)
     save_examples(a.out_dir, np.load(os.path.join(a.out_dir, 'images.npy'), mmap_mode='r'),
                   os.path.join(a.out_dir, 'test.jsonl'))
     print(f"wrote {a.out_dir}: {json.dumps(meta['counts'])}")
@@ -212,9 +247,12 @@ def save_examples(out_dir, images, jsonl, n=4):
     with open(jsonl) as f, open(os.path.join(out_dir, 'examples', 'answers.txt'), 'w') as out:
         for i, line in zip(range(n), f):
             r = json.loads(line)
-            name = f'example{i}.png'
-            Image.fromarray(np.asarray(images[r['image']])).save(os.path.join(out_dir, 'examples', name))
-            out.write(f"{name}: {r['captions'][0]}\n" + ''.join(f"  {x['q']} -> {x['a']}\n" for x in r['qa']))
+            rows = r['image'] if isinstance(r['image'], list) else [r['image']]
+            names = [f'example{i}.png'] if len(rows) == 1 else [f'example{i}{c}.png' for c in 'ab'[:len(rows)]]
+            for row, name in zip(rows, names):
+                Image.fromarray(np.asarray(images[row])).save(os.path.join(out_dir, 'examples', name))
+            out.write(f"{' '.join(names)}: {(r.get('captions') or [''])[0]}\n" +
+                      ''.join(f"  {x['q']} -> {x['a']}\n" for x in r['qa']))
 
 
 # -----------------------------------------------------------------------------
@@ -719,6 +757,9 @@ def main(argv=None):
     s.add_argument('--image_size', type=int, default=64)
     s.add_argument('--questions_train', type=int, default=6, help='questions per training image')
     s.add_argument('--questions_eval', type=int, default=5, help='questions per val/test image')
+    s.add_argument('--object_scale', type=float, default=1.0,
+                   help='object size within its cell (the fine-detail task: --image_size 192 --object_scale 0.35)')
+    s.add_argument('--pairs', action='store_true', help='two scenes a sample, with questions comparing them')
     s.add_argument('--seed', type=int, default=1337)
     s.add_argument('--workers', type=int, default=os.cpu_count())
 

@@ -217,13 +217,13 @@ def mean_rows(weight, n_rows, new_ids):
     return out
 
 
-def load_pretrained_llm(source, image_layout='plain'):
+def load_pretrained_llm(source, image_layout='plain', tile_markers=False):
     """A local directory, Hugging Face cache id or .gguf file -> (tokenizer, llm): an HFTokenizer with <image>
-    added (and Idefics3's image markers: image_layout), and a Decoder (Llama family) or HFCausalLM (anything
+    added (and Idefics3's image markers: image_layout; its tile markers: tile_markers), and a Decoder (Llama family) or HFCausalLM (anything
     else) holding the weights in float32, its embedding (and untied output) matrix grown by the added tokens."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     directory, gguf = resolve_pretrained(source)
-    tok = HFTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf), image_layout)
+    tok = HFTokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf), image_layout, tile_markers)
     new_ids = tok.added_ids
     hf_model = None
     if gguf:  # transformers dequantises GGUF into a float model (and undoes llama.cpp's q/k permutation)
@@ -258,7 +258,7 @@ def load_pretrained_llm(source, image_layout='plain'):
     return tok, HFCausalLM(model=hf_model)
 
 
-def hf_tokenizer_from_files(files, image_layout='plain'):
+def hf_tokenizer_from_files(files, image_layout='plain', tile_markers=False):
     """A tokenizer saved by tokenizer.HFTokenizer.state() (file name -> base64 contents) -> HFTokenizer. The
     names come from a checkpoint: only plain file names are written, into a fresh temporary folder."""
     from transformers import AutoTokenizer
@@ -269,7 +269,7 @@ def hf_tokenizer_from_files(files, image_layout='plain'):
                                    f'file name; the checkpoint is damaged or crafted, do not use it')
             with open(os.path.join(d, name), 'wb') as f:
                 f.write(base64.b64decode(data))
-        return HFTokenizer(AutoTokenizer.from_pretrained(d), image_layout)
+        return HFTokenizer(AutoTokenizer.from_pretrained(d), image_layout, tile_markers)
 
 
 class HFVLM(nn.Module):

@@ -2,6 +2,7 @@
 Ask a trained VLM about images.
 
     python sample.py --image x.png --prompt "what color is the circle?"
+    python sample.py --image a.png --image b.png --prompt "which image has more objects?"  # one answer about both
     python sample.py --image some/folder --prompt "describe the image."   # one line per image
     python sample.py --image x.png --chat                                  # ask, read, ask again
     python sample.py --prompt "What is the capital of France?"             # no image: the LLM alone
@@ -27,7 +28,8 @@ from runtime import autocast_context, pick_device, pick_dtype
 out_dir = 'out/shapes'  # where train_vlm.py wrote its checkpoints
 hf_vlm = ''  # instead: a Hugging Face image-text-to-text model directory (or cache id), e.g. what export.py wrote
 checkpoint = 'ckpt.pt'  # in out_dir: ckpt.pt (latest), best.pt (lowest val loss) or weights.pt (weights only)
-image = ''  # an image file, or a folder of them; none: a text-only question
+image = []  # image files (each --image adds one; the prompt is about all of them), or one folder of them (one
+#             answer per image); none: a text-only question
 prompt = 'describe the image.'
 chat = False  # interactive: keep asking questions about the same image
 max_new_tokens = 64
@@ -42,8 +44,9 @@ dtype = 'auto'
 config = apply_config(sys.argv[1:], globals())
 # -----------------------------------------------------------------------------
 
-if image and not os.path.exists(image):
-    raise SystemExit(f'image error: {image} not found')
+for path in image:
+    if not os.path.exists(path):
+        raise SystemExit(f'image error: {path} not found')
 device = pick_device(device)
 amp = functools.partial(autocast_context, device.split(':')[0], pick_dtype(dtype, device.split(':')[0]))
 if hf_vlm:
@@ -53,12 +56,12 @@ else:
     model, tok = load_run(out_dir, device, checkpoint, trust_remote_code)  # full weights, or base + adapters
 model.eval()
 hf = isinstance(tok, HFProcessor)  # a fine-tuned Hugging Face VLM: its processor is the tokenizer
-if hf and (chat or not image):
-    raise SystemExit(f'sample error: {hf_vlm or out_dir} is a Hugging Face VLM; ask it about images with --image '
-                     f'(no --chat, no text-only questions)')
+if hf and (chat or len(image) != 1):
+    raise SystemExit(f'sample error: {hf_vlm or out_dir} is a Hugging Face VLM; ask it about one image (or folder) '
+                     f'with --image (no --chat, no text-only questions)')
 # an image is fitted to a square as prepare_data.py fits a dataset's (the tower then resizes it as it was
-# trained); a Hugging Face VLM's processor takes it as it is
-size = None if hf else model.cfg.vision.image_size
+# trained); a model that splits images (tiling.py) and a Hugging Face VLM's processor take it as it is
+size = None if hf or model.tiler is not None else model.cfg.vision.image_size
 sampling = dict(temperature=temperature, top_k=top_k or None, top_p=top_p)
 gen = torch.Generator(device=device).manual_seed(seed) if temperature > 0 else None
 
@@ -71,17 +74,19 @@ if not image:  # text only: shows what the language model still knows after trai
                                  generator=gen, **sampling)[0].tolist()
         print(tok.decode(cut_at(new, tok.eot_id)))
     sys.exit()
-if os.path.isdir(image):
-    paths = sorted(os.path.join(image, f) for f in os.listdir(image) if f.lower().endswith(IMAGE_EXTS))
-    if not paths:
-        raise SystemExit(f'image error: no image files ({", ".join(IMAGE_EXTS)}) in {image}')
+if len(image) == 1 and os.path.isdir(image[0]):  # one question per image
+    questions = [[os.path.join(image[0], f)] for f in sorted(os.listdir(image[0])) if f.lower().endswith(IMAGE_EXTS)]
+    if not questions:
+        raise SystemExit(f'image error: no image files ({", ".join(IMAGE_EXTS)}) in {image[0]}')
+elif any(os.path.isdir(path) for path in image):
+    raise SystemExit('image error: give one folder (one answer per image) or image files, not both')
 else:
-    paths = [image]
+    questions = [image]  # one question about all of them
 
 if chat:
-    pixels = image_pixels(paths[0], size)[None]
+    pixels, grids = model.image_inputs([image_pixels(path, size) for path in questions[0]])
     turns = []
-    print(f'chatting about {paths[0]}; an empty line ends')
+    print(f'chatting about {", ".join(questions[0])}; an empty line ends')
     while True:
         try:
             q = input('you: ').strip()
@@ -89,19 +94,20 @@ if chat:
             break
         if not q:
             break
-        turns.append({'role': 'user', 'content': ('<image>\n' if not turns else '') + q})
-        ids, _ = tok.encode_chat(turns, model.num_image_tokens, add_generation_prompt=True)
+        turns.append({'role': 'user', 'content': ('<image>\n' * len(questions[0]) if not turns else '') + q})
+        ids, _ = tok.encode_chat(turns, model.num_image_tokens, add_generation_prompt=True, grids=grids)
         ids = torch.tensor([ids], device=device)
         with amp():
-            new = model.generate(ids, torch.as_tensor(pixels, device=device), torch.ones_like(ids, dtype=torch.bool),
+            new = model.generate(ids, pixels.to(device), torch.ones_like(ids, dtype=torch.bool),
                                  max_new_tokens, tok.eot_id, generator=gen, **sampling)[0].tolist()
         answer = tok.decode(cut_at(new, tok.eot_id))
         turns.append({'role': 'assistant', 'content': answer})
         print(f'glimpse: {answer}')
 else:
-    for path in paths:
-        pixels = np.stack([image_pixels(path, size)] * num_samples)
+    for paths in questions:
+        pixels = [image_pixels(path, size) for path in paths]
+        pixels = np.stack(pixels * num_samples) if len(paths) == 1 else [pixels] * num_samples  # a list: several
         with amp():
             answers = model.chat(tok, pixels, [prompt] * num_samples, max_new_tokens, generator=gen, **sampling)
         for a in answers:
-            print(f'{path}: {a}' if len(paths) > 1 else a)
+            print(f'{paths[0]}: {a}' if len(questions) > 1 else a)

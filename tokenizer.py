@@ -1,8 +1,8 @@
 """
 Tokenizers: what turns a conversation into token ids, behind one chat-encoding interface
 
-    encode(text), decode(ids), encode_chat(turns, num_image_tokens, add_generation_prompt) -> (ids, supervised),
-    pad_id, eot_id, image_token_id, vocab_size, state()
+    encode(text), decode(ids), encode_chat(turns, num_image_tokens, add_generation_prompt, grids) -> (ids, supervised),
+    pad_id, eot_id, image_token_id, vocab_size, tiles, state()
 
     Tokenizer     glimpse's own: a word vocabulary of the training texts, or the 256 bytes of UTF-8
     HFTokenizer   a pretrained LLM's tokenizer and chat template, with '<image>' added
@@ -22,6 +22,10 @@ from errors import GlimpseError
 # meant for export.py's Idefics3 target sees in training what the exported model sees at inference
 IDEFICS3_AROUND = ('<fake_token_around_image>', '<global-img>')
 IMAGE_LAYOUTS = ('plain', 'idefics3')
+# image_splitting (tiling.py): Idefics3's marker before each tile, and the newlines its processor writes after
+# each row of tiles ('\n') and before the global view ('\n\n' after the last row)
+TILE_MARKERS = tuple(f'<row_{i}_col_{j}>' for i in range(1, 7) for j in range(1, 7))
+NEWLINES = ('\n', '\n\n')
 
 
 def check_image_layout(image_layout):
@@ -29,12 +33,24 @@ def check_image_layout(image_layout):
         raise GlimpseError(f"config error: --image_layout={image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
 
 
-def image_run(image_token_id, n, around=None, labels=None):
+def image_run(image_token_id, n, around=None, labels=None, grid=(0, 0), tiles=None):
     """The ids one '<image>' becomes: n image placeholders; with labels (n lists of ids, label_ids), each
     placeholder after its label; with around = (fake, global) ids (Idefics3's layout), fake, global, the
-    placeholders, fake. No placeholders (the bridge): nothing."""
+    placeholders, fake. No placeholders (the bridge): nothing.
+    A split image (grid = (rows, cols), not (0, 0)) in Idefics3's layout, with tiles = (the 36 tile markers'
+    ids, the ids of '\n', of '\n\n'): per tile fake, <row_i_col_j>, n placeholders; '\n' after each row but
+    the last, '\n\n' after it; then the global view as an unsplit image. Its processor writes the same text."""
     if not n:
         return []
+    if grid != (0, 0):
+        markers, newline, newlines = tiles
+        rows, cols = grid
+        run = []
+        for i in range(rows):
+            for j in range(cols):
+                run += [around[0], markers[i * 6 + j]] + [image_token_id] * n
+            run += newline if i < rows - 1 else newlines
+        return run + image_run(image_token_id, n, around)
     if labels:
         if len(labels) != n:
             raise GlimpseError(f'config error: image_token_labels names {len(labels)} image tokens but the model '
@@ -64,61 +80,73 @@ def label_ids(tok):
 class Tokenizer:
     """'word': a vocabulary of the words in the training texts (lower-cased, punctuation split off).
     'byte': the 256 bytes of UTF-8. Both put the special tokens first (Idefics3's two image markers after
-    them with image_layout='idefics3').
+    them with image_layout='idefics3'); tile_markers (image_splitting) adds TILE_MARKERS (and to a word
+    vocabulary the two NEWLINES) last, as special tokens (so earlier runs keep their ids), which encode() then
+    reads wherever they stand.
     Chat template: <bos> then for each turn <|user|> or <|assistant|>, its text, <|end|>."""
     SPECIALS = ('<pad>', '<bos>', '<|end|>', '<|user|>', '<|assistant|>', '<image>', '<unk>')
     WORD_RE = re.compile(r"<image>|[a-z0-9]+|[^\sa-z0-9]")
+    TILE_RE = re.compile(r"<image>|<row_[1-6]_col_[1-6]>|\n\n|\n|[a-z0-9]+|[^\sa-z0-9]")
 
-    def __init__(self, kind='word', words=(), image_layout='plain'):
+    def __init__(self, kind='word', words=(), image_layout='plain', tile_markers=False):
         if kind not in ('word', 'byte'):
             raise GlimpseError(f"config error: --tokenizer={kind!r}: use 'word' or 'byte'")
         check_image_layout(image_layout)
-        self.kind, self.image_layout = kind, image_layout
+        self.kind, self.image_layout, self.tile_markers = kind, image_layout, tile_markers
         self.words = list(words)
         self.specials = self.SPECIALS + (IDEFICS3_AROUND if image_layout == 'idefics3' else ())
         self.itos = list(self.specials) + (self.words if kind == 'word' else [bytes([b]) for b in range(256)])
+        # the newlines are tokens of their own in a word vocabulary (which drops whitespace); bytes already have them
+        self.itos += list(TILE_MARKERS + (NEWLINES if kind == 'word' else ())) if tile_markers else []
         self.stoi = {s: i for i, s in enumerate(self.itos) if isinstance(s, str)}
         self.pad_id, self.bos_id, self.eot_id, self.user_id, self.assistant_id, self.image_token_id, self.unk_id = \
             range(len(self.SPECIALS))
         self.around = (len(self.SPECIALS), len(self.SPECIALS) + 1) if image_layout == 'idefics3' else None
+        self.tiles = ([self.stoi[m] for m in TILE_MARKERS], self.encode(NEWLINES[0]), self.encode(NEWLINES[1])) \
+            if tile_markers else None
         self.vocab_size = len(self.itos)
         self.image_token_labels = ()  # words written before each image token (label_ids); set by checkpoint.build_model
 
     @classmethod
-    def build(cls, kind, texts, image_layout='plain'):
+    def build(cls, kind, texts, image_layout='plain', tile_markers=False):
         words = sorted({w for t in texts for w in cls.WORD_RE.findall(t.lower())} - set(cls.SPECIALS))
-        return cls(kind, words if kind == 'word' else (), image_layout)
+        return cls(kind, words if kind == 'word' else (), image_layout, tile_markers)
 
     def state(self):
         return {'kind': self.kind, 'words': self.words, 'image_layout': self.image_layout,
-                'image_token_labels': list(self.image_token_labels)}
+                'image_token_labels': list(self.image_token_labels), 'tile_markers': self.tile_markers}
 
     def encode(self, text):
         if self.kind == 'word':
-            return [self.stoi.get(w, self.unk_id) for w in self.WORD_RE.findall(text.lower())]
+            pieces = (self.TILE_RE if self.tile_markers else self.WORD_RE).findall(text.lower())
+            return [self.stoi.get(w, self.unk_id) for w in pieces]
         out = []
-        for i, part in enumerate(text.split('<image>')):
-            out += ([self.image_token_id] if i else []) + [len(self.specials) + b for b in part.encode()]
+        parts = re.split(r'(<image>|<row_[1-6]_col_[1-6]>)' if self.tile_markers else r'(<image>)', text)
+        for i, part in enumerate(parts):  # odd: a special token
+            out += [self.stoi[part]] if i % 2 else [len(self.specials) + b for b in part.encode()]
         return out
 
     def decode(self, ids):
         if self.kind == 'byte':
-            raw = b''.join(self.itos[i] for i in ids if i >= len(self.specials))
+            raw = b''.join(self.itos[i] for i in ids if len(self.specials) <= i < len(self.specials) + 256)
             return raw.decode('utf-8', errors='replace')
-        text = ' '.join(self.itos[i] for i in ids if i >= len(self.specials) or i == self.unk_id)
+        text = ' '.join(self.itos[i] for i in ids if (i >= len(self.specials) and self.itos[i] not in
+                                                         TILE_MARKERS + NEWLINES) or i == self.unk_id)
         return re.sub(r" ([.,?!;:])", r"\1", text)
 
-    def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False):
+    def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False, grids=None):
         """Turns [{'role', 'content'}] -> (ids, supervised): built segment by segment with a parallel
         mask, so the supervised tokens are exactly the assistant texts and their <|end|>. Each
-        '<image>' becomes num_image_tokens placeholders (image_run)."""
+        '<image>' becomes num_image_tokens placeholders (image_run); grids: the (rows, cols) of each image
+        in the order they stand, for split images (None: none is split)."""
         ids, sup = [self.bos_id], [False]
-        labels = label_ids(self)
+        labels, images = label_ids(self), iter(grids or ())
         for turn in turns:
             assistant = turn['role'] == 'assistant'
             body = []
             for t in self.encode(turn['content']):
-                body += image_run(t, num_image_tokens, self.around, labels) if t == self.image_token_id else [t]
+                body += image_run(t, num_image_tokens, self.around, labels, next(images, (0, 0)), self.tiles) \
+                    if t == self.image_token_id else [t]
             ids += [self.assistant_id if assistant else self.user_id] + body + [self.eot_id]
             sup += [False] + [assistant] * (len(body) + 1)
         if add_generation_prompt:
@@ -154,19 +182,24 @@ class HFTokenizer:
     so training, evaluation, sample.py and classify.py all prompt the same way, as are image_token_labels."""
     IMAGE = '<image>'
 
-    def __init__(self, hf_tokenizer, image_layout='plain'):
+    def __init__(self, hf_tokenizer, image_layout='plain', tile_markers=False):
         check_image_layout(image_layout)
         self.tok, self.image_layout, self.system_prompt = hf_tokenizer, image_layout, None
+        self.tile_markers = tile_markers
         self.image_token_labels = ()  # words written before each image token (label_ids)
         if not self.tok.chat_template:
             self.tok.chat_template = PLAIN_CHAT_TEMPLATE
-        needed = (self.IMAGE,) + (IDEFICS3_AROUND if image_layout == 'idefics3' else ())
+        needed = (self.IMAGE,) + (IDEFICS3_AROUND if image_layout == 'idefics3' else ()) + \
+            (TILE_MARKERS if tile_markers else ())
         new = [t for t in needed if t not in self.tok.get_vocab()]
         if new:
             self.tok.add_tokens(new, special_tokens=True)
         self.added_ids = self.tok.convert_tokens_to_ids(new)  # their embeddings start as the mean of the rest
         self.image_token_id = self.tok.convert_tokens_to_ids(self.IMAGE)
         self.around = tuple(self.tok.convert_tokens_to_ids(list(IDEFICS3_AROUND))) if image_layout == 'idefics3' else None
+        # the newlines are text here, encoded as the processor's tokenizer encodes them between two special tokens
+        self.tiles = (self.tok.convert_tokens_to_ids(list(TILE_MARKERS)), self.encode(NEWLINES[0]),
+                      self.encode(NEWLINES[1])) if tile_markers else None
         self.vocab_size = len(self.tok)
         self.eot_id = self._end_of_turn()
         self.pad_id = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.eot_id
@@ -192,16 +225,17 @@ class HFTokenizer:
     def decode(self, ids):
         return self.tok.decode(ids, skip_special_tokens=True)
 
-    def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False):
+    def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False, grids=None):
         """As Tokenizer.encode_chat: (ids, supervised). Each turn is the text its rendering adds to the
         rendering of the turns before it; an assistant turn splits into the generation prompt, then the
         answer and the end-of-turn token (supervised), then what follows (a newline)."""
         ids, sup, done = [], [], ''
-        labels = label_ids(self)
+        labels, images = label_ids(self), iter(grids or ())
 
         def add(text, supervised):
             for t in self.encode(text):
-                run = image_run(t, num_image_tokens, self.around, labels) if t == self.image_token_id else [t]
+                run = image_run(t, num_image_tokens, self.around, labels, next(images, (0, 0)), self.tiles) \
+                    if t == self.image_token_id else [t]
                 ids.extend(run)
                 sup.extend([supervised] * len(run))
 
@@ -238,7 +272,7 @@ class HFTokenizer:
                 with open(os.path.join(d, name), 'rb') as f:
                     files[name] = base64.b64encode(f.read()).decode()
         return {'kind': 'hf', 'files': files, 'image_layout': self.image_layout, 'system_prompt': self.system_prompt,
-                'image_token_labels': list(self.image_token_labels)}
+                'image_token_labels': list(self.image_token_labels), 'tile_markers': self.tile_markers}
 
 
 class HFProcessor:

@@ -76,6 +76,8 @@ tokenizer = 'word'  # 'word' (vocabulary from the training texts) or 'byte'
 system_prompt = None  # a pretrained LLM's chat: None as its template does, or this system turn ('' an empty one)
 image_layout = 'plain'  # an image's tokens: 'plain' (<image> x N) or 'idefics3' (between SmolVLM's markers: export.py)
 image_token_labels = ()  # words before each image token, one per token ('top left', ...: 'top left: <img>, ...')
+image_splitting = False  # each image as tiles of image_size plus a global view, SmolVLM's way (tiling.py; idefics3 layout)
+max_image_size = 0  # image_splitting: each image's longest edge is first resized to this (e.g. 4 x image_size)
 max_seq_len = 256
 isolate_turns = False  # each question-answer pair sees the image but not the other pairs (see data.pack_turns)
 pack_samples = False  # fill each row with whole samples up to max_seq_len, none seeing another (see data.collate)
@@ -254,7 +256,8 @@ def save(path, rngs, weights=None, sharded=None):
 loader = step_batches(train_set, DataOrder(len(train_set), seed, **data_state), batch_size, grad_accum, world_size,
                       rank, dict(tokenizer=tok, num_image_tokens=n_img, max_len=max_seq_len,
                                  isolate_turns=isolate_turns, pack=pack_samples,
-                                 pad_to_max=attention == 'flex'), num_workers)  # flex: compiled for one length
+                                 pad_to_max=attention == 'flex', tiler=getattr(raw_model, 'tiler', None)),
+                      num_workers)  # flex: compiled for one length
 if resume_rng is not None:  # after all start-up work that draws (model init, the loader workers' seeds)
     set_rng_state(resume_rng[min(rank, len(resume_rng) - 1)] if isinstance(resume_rng, list) else resume_rng)
 bar = tqdm(total=max_iters, initial=iter_num, unit='it', dynamic_ncols=True,

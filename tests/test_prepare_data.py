@@ -437,3 +437,31 @@ def test_inspect_prints_stats_and_writes_contact_sheet(cifar_shards, capsys):
     assert sheet.size == (4 * 128, 4 * (128 + 48))
 
 
+
+
+def test_pairs_hold_two_images_and_answers_true_to_both_scenes(tmp_path):
+    """--pairs: each sample is two scenes, its record lists both rows, its first turn has one <image> per image,
+    and every comparison answer follows from the two scenes' objects."""
+    from prepare_data import NUMBERS, main
+    out = tmp_path / 'pairs'
+    main(['shapes', '--pairs', '--out_dir', str(out), '--n_train', '40', '--n_val', '4', '--n_test', '4',
+          '--workers', '1'])
+    images = np.load(out / 'images.npy', mmap_mode='r')
+    assert len(images) == 2 * 48
+    same = []
+    for line in open(out / 'train.jsonl'):
+        r = json.loads(line)
+        a, b = r['objects']
+        assert len(r['image']) == 2 and r['turns'][0]['content'].count('<image>') == 2
+        large = [next(o for o in s if o['size'] == 'large') for s in (a, b)]
+        same.append(large[0]['shape'] == large[1]['shape'])
+        for x in r['qa']:
+            want = {'which image has more objects?': 'the first' if len(a) > len(b) else 'the second'
+                    if len(b) > len(a) else 'neither',
+                    'is the large shape the same in both images?': 'yes' if same[-1] else 'no',
+                    'what color is the large object in the first image?': large[0]['color'],
+                    'what color is the large object in the second image?': large[1]['color'],
+                    'how many objects are in the first image?': NUMBERS[len(a)],
+                    'how many objects are in the second image?': NUMBERS[len(b)]}[x['q']]
+            assert x['a'] == want
+    assert 0.25 < np.mean(same) < 0.75
