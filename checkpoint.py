@@ -48,6 +48,8 @@ class ModelSpec:
     vit_layers: int = 4
     vit_width: int = 128
     vit_heads: int = 4
+    vit_act: str = 'gelu'
+    image_resample: str = 'bicubic'
     connector: str = 'pixel_shuffle'
     pixel_shuffle_factor: int = 2
     bridge_heads: int = 8
@@ -119,6 +121,12 @@ class ModelSpec:
             _refuse(f"--tokenizer={self.tokenizer!r}: use 'word' or 'byte'")
         if self.image_layout not in IMAGE_LAYOUTS:
             _refuse(f"--image_layout={self.image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
+        if self.vit_act not in ('gelu', 'gelu_tanh') or self.image_resample not in ('bicubic', 'bilinear', 'lanczos'):
+            _refuse(f"vit_act={self.vit_act!r}, image_resample={self.image_resample!r}: use 'gelu' or 'gelu_tanh', and "
+                    f"'bicubic', 'bilinear' or 'lanczos'")
+        if self.image_resample == 'lanczos' and not self.image_splitting:
+            _refuse("image_resample='lanczos' resizes split images' tiles (torchvision, on the CPU); the tower resizes "
+                    "a whole image bicubic or bilinear: use one of those, or image_splitting=True")
         if self.connector_norm and self.connector not in ('mlp', 'pixel_shuffle'):
             _refuse(f"connector_norm=True ends the MLP projector; with connector={self.connector!r} leave it False")
         if self.vision == 'scratch' and (self.vision_layer != -1 or self.vision_cls):
@@ -436,7 +444,7 @@ def vlm_config(spec, tok, llm=None, vision=None):
         n_embd=spec.llm_width, intermediate_size=spec.llm_mlp_width, tie_embeddings=spec.tie_embeddings)
     vision = vision or ViTConfig(image_size=spec.image_size, patch_size=spec.patch_size,
                                  patch_overlap=spec.patch_overlap, n_layer=spec.vit_layers, n_head=spec.vit_heads,
-                                 n_embd=spec.vit_width)
+                                 n_embd=spec.vit_width, act=spec.vit_act, resample=spec.image_resample)
     return VLMConfig(
         vision=vision,
         connector=ConnectorConfig(kind=spec.connector, in_dim=vision.n_embd, out_dim=llm_cfg.n_embd,

@@ -333,10 +333,10 @@ CAPTION_PROMPT = 'describe the image.'
 
 
 def conversation(record, caption_prompt=CAPTION_PROMPT):
-    """The turns to train on: the record's own, or a caption as the answer to a fixed prompt."""
+    """The turns to train on: the record's own, or a caption as the answer to a fixed prompt about its images."""
     if record.get('turns'):
         return record['turns']
-    return [{'role': 'user', 'content': '<image>\n' + caption_prompt},
+    return [{'role': 'user', 'content': '<image>\n' * len(record_images(record)) + caption_prompt},
             {'role': 'assistant', 'content': record['captions'][0]}]
 
 

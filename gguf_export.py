@@ -35,16 +35,27 @@ def check_gguf_type(gguf_type):
         raise GlimpseError(f"export error: --gguf_type={gguf_type!r}: use one of {', '.join(GGUF_TYPES)}")
 
 
-def llama_cpp_differences(vision_cfg, n_image_tokens):
+def llama_cpp_differences(cfg, tok, n_image_tokens):
     """What stock llama.cpp (its mtmd library: llama-mtmd-cli, llama-server --mmproj) would give this Idefics3 run
-    that differs from what it trained on, one clause each; empty when it renders the run as trained."""
-    n = f'[{n_image_tokens} image tokens]'
-    diffs = [f"stock llama.cpp renders every Idefics3 image as tiles plus an overview, even one that fits one tile "
-             f"(<fake_token_around_image><row_1_col_1>{n}\\n\\n<fake_token_around_image><global-img>{n}"
-             f"<fake_token_around_image>, with \\n\\n and <row_1_col_1> tokens this vocabulary lacks), but glimpse "
-             f"trained this run on the overview alone, as transformers renders it"]
-    if vision_cfg.act == 'gelu':  # an mmproj declares llama.cpp's tanh GELU (use_gelu) or the quick one, no erf
-        diffs.append("its tower's GELU is the exact (erf) one, an Idefics3 mmproj's the tanh approximation")
+    (cfg its VLMConfig, tok its Tokenizer) that differs from what it trained on, one clause each; empty when it
+    renders the run as trained. llama.cpp splits every Idefics3 image (mtmd_image_preprocessor_idefics3) by the
+    processor's rules, resizing with its own Lanczos, and writes transformers' layout for a split image: the tiles
+    with <row_i_col_j>, '\\n' after each row but the last, then '\\n\\n' and the global view (mtmd.cpp)."""
+    n, v, diffs = f'[{n_image_tokens} image tokens]', cfg.vision, []
+    if not cfg.max_image_size:
+        diffs.append(f"stock llama.cpp renders every Idefics3 image as tiles plus an overview, even one that fits one "
+                     f"tile (<fake_token_around_image><row_1_col_1>{n}\\n\\n<fake_token_around_image><global-img>{n}"
+                     f"<fake_token_around_image>), but glimpse trained this run on the overview alone, as transformers "
+                     f"renders it: train with image_splitting=True (config/shapes_gguf.py)")
+    elif tok.kind != 'word':
+        diffs.append("llama.cpp looks up '\\n' and '\\n\\n' as whole tokens around a split image's tiles, which a "
+                     "byte vocabulary has not: train with tokenizer='word'")
+    if cfg.max_image_size and v.resample != 'lanczos':
+        diffs.append(f"its images were resized {v.resample}, llama.cpp resizes Idefics3 images with Lanczos: train with "
+                     f"image_resample='lanczos'")
+    if v.act == 'gelu':  # an mmproj declares llama.cpp's tanh GELU (use_gelu) or the quick one, no erf
+        diffs.append("its tower's GELU is the exact (erf) one, an Idefics3 mmproj's the tanh approximation: train "
+                     "with vit_act='gelu_tanh'")
     return diffs
 
 
@@ -114,15 +125,19 @@ def glimpse_vocab(tok, end_token, n_vocab):
             byte of any text is one symbol, and with no merge that ever applies each symbol is one token. llama.cpp
             refuses a BPE vocabulary without merges and gguf cannot write an empty list, so it holds one merge of two
             special tokens' texts, which never occur as BPE symbols (special texts are split off before BPE).
-    Special tokens are control tokens, which llama.cpp finds in a chat template's text ('<bos><|user|>...')."""
+    Special tokens are control tokens, which llama.cpp finds in a chat template's text ('<bos><|user|>...'), as are
+    the tile markers of a split-image run; its '\\n' and '\\n\\n' are user-defined tokens, which llama.cpp takes
+    whole wherever they stand, as glimpse's word tokenizer does (Tokenizer.TILE_RE)."""
     specials = [end_token if s == '<|end|>' else s for s in tok.specials]
     if tok.kind == 'word':
         model, pre, pieces, merges = 'bert', 'default', [WORDPIECE_SPACE + w for w in tok.words], []
     else:
         model, pre, merges = 'gpt2', 'gpt-2', [f'{specials[0]} {specials[0]}']
         pieces = bytes_to_unicode()
-    tokens = specials + pieces
-    types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * len(pieces)
+    extra = tok.itos[len(tok.specials) + len(pieces):]  # the tile markers (and newlines) of image splitting
+    tokens = specials + pieces + extra
+    types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * len(pieces) + \
+        [gguf.TokenType.USER_DEFINED if t.startswith('\n') else gguf.TokenType.CONTROL for t in extra]
     if n_vocab < len(tokens):
         raise GlimpseError(f'export error: the model has {n_vocab} token embeddings for a vocabulary of {len(tokens)}')
     tokens += [f'[PAD{i}]' for i in range(len(tokens), n_vocab)]
@@ -211,7 +226,8 @@ def write_text_model(path, state, text, vocab, chat_template, gguf_type, name, n
     finish(w, path)
 
 
-def write_mmproj(path, state, vision, scale_factor, n_embd_text, image_mean, image_std, gguf_type, name, note=''):
+def write_mmproj(path, state, vision, scale_factor, n_embd_text, image_mean, image_std, gguf_type, name, note='',
+                 longest_edge=0):
     """mmproj.gguf: the SigLIP tower and the projector of an Idefics3 state dict (model.vision_model.*,
     model.connector.*), with vision (the vision_config export.py gives transformers), as llama.cpp's converter
     writes SmolVLM's."""
@@ -223,7 +239,8 @@ def write_mmproj(path, state, vision, scale_factor, n_embd_text, image_mean, ima
     w.add_clip_projector_type(gguf.VisionProjectorType.IDEFICS3)
     w.add_vision_projection_dim(n_embd_text)
     w.add_vision_image_size(vision['image_size'])
-    w.add_vision_preproc_image_size(vision['image_size'])  # the processor's longest edge: one tile
+    # the processor's longest edge (image splitting: max_image_size), else one tile
+    w.add_vision_preproc_image_size(longest_edge or vision['image_size'])
     w.add_vision_patch_size(vision['patch_size'])
     w.add_vision_embedding_length(vision['hidden_size'])
     w.add_vision_feed_forward_length(vision['intermediate_size'])

@@ -56,7 +56,7 @@ class ViTConfig:
     # resize_shortest=0 squashes it to image_size x image_size (SigLIP); resize_shortest=S resizes its
     # shorter side to S, then crops the centre image_size x image_size (CLIP, DINOv2).
     resize_shortest: int = 0
-    resample: str = 'bicubic'  # or 'bilinear'
+    resample: str = 'bicubic'  # or 'bilinear'; 'lanczos' only for split images' tiles (tiling.py, torchvision)
     # What pretrained towers need; the defaults are the scratch ViT.
     act: str = 'gelu'  # 'gelu', 'gelu_tanh' (SigLIP) or 'quick_gelu' (CLIP)
     patch_bias: bool = True  # CLIP's patch embedding has no bias

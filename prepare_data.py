@@ -303,21 +303,26 @@ def write_dataset(a, source, splits, class_names, skipped, bad=(), hf_parts=None
     one that cannot be read is reported, skipped and counted; the rest get consecutive rows."""
     from tqdm import tqdm
     fmt = a.shard_format.upper().replace('JPG', 'JPEG') if a.shards else 'raw'
-    total = sum(len(v) for v in splits.values())
+    total = sum(len(src) if isinstance(src, list) else 1 for v in splits.values() for _, src, _ in v)  # images
     writer = DatasetWriter(a.out_dir, a.image_size, total, list(splits), fmt if a.shards else None)
     skipped, bad = Counter(skipped), list(bad)
     work = partial(load_image, size=a.image_size, resize=a.resize, fmt=fmt)
     chunk = max(1, min(256, total // (8 * a.workers) or 1))
     with Pool(a.workers, _set_hf_parts, (hf_parts,)) as pool, tqdm(total=total, desc=source, unit='img', disable=total < 2) as bar:
         for split, items in splits.items():
-            jobs = ((where, src) for where, src, _ in items)
-            for (where, _, record), (pixels, error) in zip(items, pool.imap(work, jobs, chunksize=chunk)):
+            # a sample about several images has a list of sources: each is a job, and the sample is written
+            # with all of its images or, if one cannot be read, skipped with that one's error
+            jobs = ((where, one) for where, src, _ in items for one in (src if isinstance(src, list) else [src]))
+            results = pool.imap(work, jobs, chunksize=chunk)
+            for where, src, record in items:
+                got = [next(results) for _ in (src if isinstance(src, list) else [src])]
                 bar.update()
+                error = next((e for _, e in got if e), None)
                 if error:
                     skipped['missing_image' if error.endswith(': missing') else 'corrupt_image'] += 1
                     bad.append(error)
                     continue
-                writer.add(split, record, pixels)
+                writer.add(split, record, [p for p, _ in got] if isinstance(src, list) else got[0][0])
     meta = writer.close(bad, source=source, image_size=a.image_size, resize=a.resize, class_names=class_names,
                         skipped=dict(skipped), **extra)
     for b in bad[:10]:
@@ -346,11 +351,11 @@ def readable(name):
     return str(name).replace('_', ' ').strip()
 
 
-def classified(id, label, class_names, captions=None):
-    """A record for a labelled image: the class question as the conversation and a held-out question;
-    captions templated from the label unless given."""
+def classified(id, label, class_names, captions=None, n_images=1):
+    """A record for a labelled image (or n_images images together): the class question as the conversation and
+    a held-out question; captions templated from the label unless given."""
     name = readable(class_names[label])
-    return {'id': id, 'turns': [{'role': 'user', 'content': f'{IMAGE_TOKEN}\n{CLASS_QUESTION}'},
+    return {'id': id, 'turns': [{'role': 'user', 'content': f'{IMAGE_TOKEN}\n' * n_images + CLASS_QUESTION},
                                 {'role': 'assistant', 'content': name}],
             'captions': captions or [f'a photo of a {name}.'], 'label': label,
             'qa': [{'q': CLASS_QUESTION, 'a': name, 'type': 'class'}]}
@@ -514,9 +519,11 @@ def load_json_object(path):
 LLAVA_ROLES = {'human': 'user', 'user': 'user', 'gpt': 'assistant', 'assistant': 'assistant'}
 
 
-def llava_turns(conversations):
+def llava_turns(conversations, n_images=1):
     """LLaVA conversations -> glimpse turns: alternating user/assistant, the image placeholder moved
-    to the start of the first user turn (LLaVA puts it first or last), a trailing question dropped."""
+    to the start of the first user turn (LLaVA puts it first or last), a trailing question dropped.
+    Several images (LLaVA-OneVision's "image": [...]): one '<image>' each, kept where they stand (or, if the
+    text has none, all at the start of the first user turn)."""
     if not isinstance(conversations, list) or not conversations:
         raise ValueError("no 'conversations' list")
     turns = []
@@ -526,19 +533,24 @@ def llava_turns(conversations):
             raise ValueError(f"conversations[{k}] needs 'from' (human/gpt) and a string 'value'")
         if role != ('user', 'assistant')[k % 2]:
             raise ValueError(f'conversations[{k}] is {c["from"]!r}: turns must alternate human, gpt, ...')
-        turns.append({'role': role, 'content': c['value'].replace(IMAGE_TOKEN, '').strip()})
+        turns.append({'role': role, 'content': c['value'].strip() if n_images > 1 else
+                      c['value'].replace(IMAGE_TOKEN, '').strip()})
     if turns[-1]['role'] == 'user':
         turns = turns[:-1]
     if not turns:
         raise ValueError('no answer')
-    turns[0]['content'] = f"{IMAGE_TOKEN}\n{turns[0]['content']}"
+    marks = sum(t['content'].count(IMAGE_TOKEN) for t in turns)
+    if n_images == 1 or not marks:
+        turns[0]['content'] = f"{IMAGE_TOKEN}\n" * n_images + turns[0]['content']
+    elif marks != n_images:
+        raise ValueError(f"{n_images} images but {marks} '{IMAGE_TOKEN}' placeholders in the answered turns")
     return turns
 
 
 def prepare_llava(a):
-    """LLaVA JSON (a list, or JSON lines) of {id, image, conversations: [{from, value}]}.
-    Text-only entries (no image) are counted in meta.json, not trained on: every glimpse sample has
-    one image."""
+    """LLaVA JSON (a list, or JSON lines) of {id, image, conversations: [{from, value}]}; "image" is one path
+    or, as in LLaVA-OneVision's interleaved data, a list of them. Text-only entries (no image) are counted in
+    meta.json, not trained on: every glimpse sample has an image."""
     need_folder(a.images, '--images')
     if not os.path.exists(a.json):
         raise SystemExit(f'data error: {a.json} not found')
@@ -551,16 +563,19 @@ def prepare_llava(a):
         if not e.get('image'):
             skipped['text_only'] += 1
             continue
-        if not isinstance(e['image'], str):
-            bad_row(skipped, bad, where, "'image' must be one path (several images per sample are not supported)")
+        several = isinstance(e['image'], list)
+        names = e['image'] if several else [e['image']]
+        if not all(isinstance(n, str) and n for n in names):
+            bad_row(skipped, bad, where, "'image' must be a path or a list of paths")
             continue
         try:
-            turns = llava_turns(e.get('conversations'))
+            turns = llava_turns(e.get('conversations'), len(names))
         except (ValueError, AttributeError) as err:
             bad_row(skipped, bad, where, err)
             continue
-        path = os.path.join(a.images, e['image'])
-        items.append((path, path, {'id': str(e.get('id', line)), 'turns': turns, 'captions': [], 'label': None, 'qa': []}))
+        paths = [os.path.join(a.images, n) for n in names]
+        items.append((paths[0], paths if several else paths[0],
+                      {'id': str(e.get('id', line)), 'turns': turns, 'captions': [], 'label': None, 'qa': []}))
     write_dataset(a, 'llava', split_items(items, a), None, skipped, bad)
 
 
@@ -589,7 +604,8 @@ def prepare_csv(a):
     base = a.images or os.path.dirname(os.path.abspath(a.csv))
     if not os.path.exists(a.csv):
         raise SystemExit(f'data error: {a.csv} not found')
-    rows = list(read_csv_rows(a.csv, [a.image_column] + texts + ([a.label_column] if a.label_column else [])))
+    image_columns = [c for c in a.image_column.split(',') if c]  # several: one sample about all of them
+    rows = list(read_csv_rows(a.csv, image_columns + texts + ([a.label_column] if a.label_column else [])))
     class_names = None
     if a.label_column:
         values = {r[a.label_column].strip() for _, r in rows if r.get(a.label_column, '').strip()}
@@ -597,16 +613,17 @@ def prepare_csv(a):
     skipped, bad, items = Counter(), [], []
     for line, r in rows:
         where = f'{a.csv} line {line}'
-        path = (r.get(a.image_column) or '').strip()
+        paths = [(r.get(c) or '').strip() for c in image_columns]
         caps = [r[c].strip() for c in texts if r.get(c) and r[c].strip()]
         label = (r.get(a.label_column) or '').strip() if a.label_column else None
-        if not path or (not caps and not label):
-            bad_row(skipped, bad, where, f'empty {a.image_column!r}' if not path else 'no text in ' + ', '.join(texts))
+        empty = next((c for c, p in zip(image_columns, paths) if not p), None)
+        if empty or (not caps and not label):
+            bad_row(skipped, bad, where, f'empty {empty!r}' if empty else 'no text in ' + ', '.join(texts))
             continue
         y = class_names.index(label) if label else None
-        rec = captioned(f'line{line}', caps, y) if caps else classified(f'line{line}', y, class_names)
-        full = os.path.join(base, path)
-        items.append((full, full, rec))
+        rec = captioned(f'line{line}', caps, y) if caps else classified(f'line{line}', y, class_names, n_images=len(paths))
+        full = [os.path.join(base, p) for p in paths]
+        items.append((full[0], full if len(full) > 1 else full[0], rec))
     write_dataset(a, 'csv', split_items(items, a), class_names, skipped, bad)
 
 
@@ -758,7 +775,7 @@ def main(argv=None):
     s.add_argument('--questions_train', type=int, default=6, help='questions per training image')
     s.add_argument('--questions_eval', type=int, default=5, help='questions per val/test image')
     s.add_argument('--object_scale', type=float, default=1.0,
-                   help='object size within its cell (the fine-detail task: --image_size 192 --object_scale 0.35)')
+                   help='object size within its cell (the fine-detail task: --image_size 216 --object_scale 0.5)')
     s.add_argument('--pairs', action='store_true', help='two scenes a sample, with questions comparing them')
     s.add_argument('--seed', type=int, default=1337)
     s.add_argument('--workers', type=int, default=os.cpu_count())
@@ -788,7 +805,7 @@ def main(argv=None):
     s = sub.add_parser('csv', parents=[common], help='a CSV of image paths and texts and/or labels')
     s.add_argument('--csv', required=True)
     s.add_argument('--images', default='', help='folder the image paths are relative to (default: the CSV\'s)')
-    s.add_argument('--image_column', default='image')
+    s.add_argument('--image_column', default='image', help='comma-separated for several images a sample')
     s.add_argument('--text_columns', default='', help='comma-separated caption columns')
     s.add_argument('--label_column', default='')
     s = sub.add_parser('hf', parents=[common], help='a Hugging Face datasets-library dataset (pip install datasets)')

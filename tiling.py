@@ -53,7 +53,8 @@ def max_grid(image_size, max_image_size):
 def resize(x, size, resample):
     """uint8 (B, 3, H, W) -> uint8 (B, 3, h, w), with torchvision's antialiased kernel (the processors' resize)."""
     from torchvision.transforms.v2 import InterpolationMode, functional
-    mode = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR}[resample]
+    mode = {'bicubic': InterpolationMode.BICUBIC, 'bilinear': InterpolationMode.BILINEAR,
+            'lanczos': InterpolationMode.LANCZOS}[resample]  # lanczos: llama.cpp's for Idefics3 (CPU only)
     return functional.resize(x, list(size), interpolation=mode, antialias=True)
 
 

@@ -59,6 +59,8 @@ patch_overlap = 0  # each patch embedding also sees this many pixels of its neig
 vit_layers = 4
 vit_width = 128
 vit_heads = 4
+vit_act = 'gelu'  # the scratch ViT's MLP activation: 'gelu' (exact) or 'gelu_tanh' (SigLIP's, and llama.cpp's: --gguf)
+image_resample = 'bicubic'  # how images are resized: 'bicubic', 'bilinear'; or with image_splitting 'lanczos' (llama.cpp's)
 connector = 'pixel_shuffle'  # 'mlp', 'pixel_shuffle' (then the MLP), 'pixel_shuffle_linear' (SmolVLM's), or 'bridge' (cross-attention)
 pixel_shuffle_factor = 2
 bridge_heads = 8  # connector='bridge': cross-attention heads

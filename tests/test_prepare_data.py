@@ -465,3 +465,44 @@ def test_pairs_hold_two_images_and_answers_true_to_both_scenes(tmp_path):
                     'how many objects are in the second image?': NUMBERS[len(b)]}[x['q']]
             assert x['a'] == want
     assert 0.25 < np.mean(same) < 0.75
+
+
+def test_several_images_a_sample_from_llava_onevision_json_and_csv_columns(tmp_path):
+    """LLaVA-OneVision's "image": [...] and a CSV's several image columns become one sample with the list of its
+    rows, in order; its placeholders are kept (or one per image prepended); a count that disagrees, or one image
+    that cannot be read, skips the sample by line."""
+    (tmp_path / 'imgs').mkdir()
+    for i in range(4):
+        Image.new('RGB', (8, 8), (40 * i, 0, 0)).save(tmp_path / 'imgs' / f'{i}.png')
+    entries = [
+        {'id': 'pair', 'image': ['0.png', '1.png'], 'conversations': [
+            {'from': 'human', 'value': '<image>\n<image>\nWhich is redder?'}, {'from': 'gpt', 'value': 'The second.'}]},
+        {'id': 'bare', 'image': ['2.png', '3.png', '0.png'], 'conversations': [
+            {'from': 'human', 'value': 'Same?'}, {'from': 'gpt', 'value': 'No.'}]},
+        {'id': 'miscount', 'image': ['0.png', '1.png'], 'conversations': [
+            {'from': 'human', 'value': '<image>\nSame?'}, {'from': 'gpt', 'value': 'No.'}]},
+        {'id': 'lost', 'image': ['0.png', 'nope.png'], 'conversations': [
+            {'from': 'human', 'value': 'Same?'}, {'from': 'gpt', 'value': 'No.'}]},
+    ]
+    path = tmp_path / 'ov.json'
+    path.write_text(json.dumps(entries))
+    out = tmp_path / 'ov'
+    prepare('llava', '--json', path, '--images', tmp_path / 'imgs', '--out_dir', out, '--image_size', '8',
+            '--val_fraction', '0', '--test_fraction', '0')
+    meta = json.load(open(out / 'meta.json'))
+    assert meta['skipped'] == {'bad_row': 1, 'missing_image': 1} and meta['counts']['train'] == 2
+    assert "2 images but 1 '<image>'" in open(out / 'skipped.txt').read()
+    images = np.load(out / 'images.npy', mmap_mode='r')
+    recs = {r['id']: r for r in records(out, 'train')}
+    assert recs['pair']['turns'][0]['content'] == '<image>\n<image>\nWhich is redder?'
+    assert recs['bare']['turns'][0]['content'] == '<image>\n<image>\n<image>\nSame?'
+    for rid, want in (('pair', [0, 40]), ('bare', [80, 120, 0])):
+        assert [int(images[row][..., 0].mean()) for row in recs[rid]['image']] == want
+    with open(tmp_path / 'pairs.csv', 'w', newline='') as f:
+        csv.writer(f).writerows([['left', 'right', 'kind'], ['imgs/0.png', 'imgs/1.png', 'same'],
+                                 ['imgs/2.png', 'imgs/3.png', 'different']])
+    prepare('csv', '--csv', tmp_path / 'pairs.csv', '--image_column', 'left,right', '--label_column', 'kind',
+            '--out_dir', tmp_path / 'pc', '--image_size', '8', '--val_fraction', '0', '--test_fraction', '0')
+    recs = records(tmp_path / 'pc', 'train')
+    assert [len(r['image']) for r in recs] == [2, 2]
+    assert all(r['turns'][0]['content'] == '<image>\n<image>\nwhat is in the image?' for r in recs)

@@ -154,3 +154,23 @@ def test_shapes_smollm2_recipe_labels_the_cells_and_word_aligns_first(shapes_dir
     assert p.stdout.index('word align 10/10') < p.stdout.index('iter 1:')
     assert tuple(ckpt['tokenizer']['image_token_labels']) == POSITIONS
     assert any('lora_A' in k for k in ckpt['model']) and any(k.startswith('connector.') for k in ckpt['model'])
+
+
+def test_shapes_detail_gguf_and_pairs_recipes(tmp_path):
+    """config/shapes_detail.py (and config/shapes_gguf.py on top) on a 216px canvas, split 3x3 plus the global view,
+    and config/shapes_pairs.py on two-scene samples, as their headers run them; the gguf run exports unforced."""
+    from prepare_data import main
+    detail, pairs = tmp_path / 'detail', tmp_path / 'pairs'
+    small = ['--n_train', '8', '--n_val', '4', '--n_test', '4', '--workers', '1']
+    main(['shapes', '--out_dir', str(detail), '--image_size', '216', '--object_scale', '0.5', *small])
+    main(['shapes', '--pairs', '--out_dir', str(pairs), *small])
+    for extra in ([], ['config/shapes_gguf.py']):
+        out = tmp_path / ('gguf' if extra else 'detail_run')
+        p, ckpt = recipe('config/shapes.py', detail, out, 'config/shapes_detail.py', *extra, '--test_at_end=False',
+                         f'--out_dir={out}', f'--data_dir={detail}', '--max_iters=2')
+        assert ckpt['model_config']['max_image_size'] == 216 and ckpt['tokenizer']['tile_markers']
+    p = run([sys.executable, 'export.py', str(out), str(tmp_path / 'files'), '--gguf'])
+    assert 'FORCED' not in p.stdout and (tmp_path / 'files' / 'mmproj.gguf').exists()
+    p, ckpt = recipe('config/shapes.py', pairs, tmp_path / 'pairs_run', 'config/shapes_pairs.py', '--test_at_end=False',
+                     f'--out_dir={tmp_path / "pairs_run"}', f'--data_dir={pairs}', '--max_iters=2')
+    assert 'more' in p.stdout  # the comparison questions are asked at eval
