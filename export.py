@@ -73,7 +73,7 @@ def export_tokenizer(tok, end_token):
     from tokenizers import Regex, Tokenizer as RawTokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
     specials = [end_token if s == '<|end|>' else s for s in tok.specials]
-    extra = tok.itos[len(tok.specials) + (len(tok.words) if tok.kind == 'word' else 256):]  # tile markers (newlines)
+    extra = tok.extras  # image splitting's tile markers (and newlines), last
     if tok.kind == 'word':
         raw = RawTokenizer(models.WordLevel({s: i for i, s in enumerate(specials + tok.words + extra)},
                                             unk_token='<unk>'))

@@ -134,7 +134,7 @@ def glimpse_vocab(tok, end_token, n_vocab):
     else:
         model, pre, merges = 'gpt2', 'gpt-2', [f'{specials[0]} {specials[0]}']
         pieces = bytes_to_unicode()
-    extra = tok.itos[len(tok.specials) + len(pieces):]  # the tile markers (and newlines) of image splitting
+    extra = tok.extras  # the tile markers (and newlines) of image splitting, last
     tokens = specials + pieces + extra
     types = [gguf.TokenType.CONTROL] * len(specials) + [gguf.TokenType.NORMAL] * len(pieces) + \
         [gguf.TokenType.USER_DEFINED if t.startswith('\n') else gguf.TokenType.CONTROL for t in extra]

@@ -97,7 +97,8 @@ class Tokenizer:
         self.specials = self.SPECIALS + (IDEFICS3_AROUND if image_layout == 'idefics3' else ())
         self.itos = list(self.specials) + (self.words if kind == 'word' else [bytes([b]) for b in range(256)])
         # the newlines are tokens of their own in a word vocabulary (which drops whitespace); bytes already have them
-        self.itos += list(TILE_MARKERS + (NEWLINES if kind == 'word' else ())) if tile_markers else []
+        self.extras = list(TILE_MARKERS + (NEWLINES if kind == 'word' else ())) if tile_markers else []
+        self.itos += self.extras  # last, after the words or bytes
         self.stoi = {s: i for i, s in enumerate(self.itos) if isinstance(s, str)}
         self.pad_id, self.bos_id, self.eot_id, self.user_id, self.assistant_id, self.image_token_id, self.unk_id = \
             range(len(self.SPECIALS))
@@ -130,8 +131,8 @@ class Tokenizer:
         if self.kind == 'byte':
             raw = b''.join(self.itos[i] for i in ids if len(self.specials) <= i < len(self.specials) + 256)
             return raw.decode('utf-8', errors='replace')
-        text = ' '.join(self.itos[i] for i in ids if (i >= len(self.specials) and self.itos[i] not in
-                                                         TILE_MARKERS + NEWLINES) or i == self.unk_id)
+        words = range(len(self.specials), len(self.itos) - len(self.extras))
+        text = ' '.join(self.itos[i] for i in ids if i in words or i == self.unk_id)
         return re.sub(r" ([.,?!;:])", r"\1", text)
 
     def encode_chat(self, turns, num_image_tokens, add_generation_prompt=False, grids=None):
